@@ -1,0 +1,1 @@
+"""PyTorch / TensorFlow adapters, importable as ``hubload.adapters``."""

@@ -1,0 +1,1 @@
+"""The ``hubload`` command line."""
