@@ -1,0 +1,118 @@
+"""Configuration: explicit arguments first, then environment variables, read at call time.
+
+Environment variables (all optional):
+
+========================  ==============================================================
+``HUBLOAD_CACHE``         cache directory (default: the platform's user cache dir)
+``HUBLOAD_OFFLINE``       ``1`` makes every cache miss an :class:`~hubload.errors.OfflineError`
+``HUBLOAD_REGISTRY``      extra registry files, separated by ``os.pathsep``
+``HUBLOAD_CONFIG``        config dir holding the user registry (default: platform user config dir)
+``HUBLOAD_DEBUG``         ``1`` shows tracebacks in the CLI
+``HUBLOAD_PARALLEL``      concurrent connections per pull (default 8)
+``HF_ENDPOINT``           Hugging Face Hub endpoint for ``hf://`` sources
+``HF_TOKEN``              Hub token (else the token saved by ``hf auth login``)
+``HF_HUB_OFFLINE``        same effect as ``HUBLOAD_OFFLINE``
+``HF_HOME``/``HF_HUB_CACHE``  where to look for files already in the Hugging Face cache
+========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "cache_dir",
+    "config_dir",
+    "debug",
+    "hf_endpoint",
+    "hf_token",
+    "is_offline",
+    "parallelism",
+    "registry_env_paths",
+    "user_registry_path",
+]
+
+_TRUE = {"1", "true", "yes", "on"}
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+def _flag(name: str) -> bool:
+    """True when the env var is set to a truthy value."""
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The cache root: ``explicit``, else ``HUBLOAD_CACHE``, else the user cache dir."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get("HUBLOAD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("hubload"))
+
+
+def config_dir() -> Path:
+    """The user config dir: ``HUBLOAD_CONFIG``, else the platform's user config dir."""
+    env = os.environ.get("HUBLOAD_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("hubload"))
+
+
+def user_registry_path() -> Path:
+    """The user's own registry file (may not exist)."""
+    return config_dir() / "registry.yaml"
+
+
+def registry_env_paths() -> list[Path]:
+    """Registry files named by ``HUBLOAD_REGISTRY`` (``os.pathsep``-separated), in order."""
+    raw = os.environ.get("HUBLOAD_REGISTRY", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def is_offline(explicit: bool | None = None) -> bool:
+    """Offline mode: ``explicit``, else ``HUBLOAD_OFFLINE`` or ``HF_HUB_OFFLINE``."""
+    if explicit is not None:
+        return explicit
+    return _flag("HUBLOAD_OFFLINE") or _flag("HF_HUB_OFFLINE")
+
+
+def debug() -> bool:
+    """``HUBLOAD_DEBUG=1``: the CLI shows tracebacks."""
+    return _flag("HUBLOAD_DEBUG")
+
+
+def parallelism(explicit: int | None = None) -> int:
+    """Concurrent connections per pull: ``explicit``, else ``HUBLOAD_PARALLEL``, else 8."""
+    if explicit is not None:
+        return max(1, int(explicit))
+    try:
+        return max(1, int(os.environ.get("HUBLOAD_PARALLEL", "8")))
+    except ValueError:
+        return 8
+
+
+def hf_endpoint() -> str:
+    """The Hub endpoint for ``hf://`` sources (``HF_ENDPOINT``), without a trailing slash."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+def hf_token(explicit: str | bool | None = None) -> str | None:
+    """The Hub token: ``explicit`` (False disables), else ``HF_TOKEN``, else the saved login."""
+    if explicit is False:
+        return None
+    if isinstance(explicit, str):
+        return explicit
+    env = os.environ.get("HF_TOKEN")
+    if env:
+        return env
+    try:
+        from huggingface_hub import get_token
+    except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
+        return None
+    return get_token()
