@@ -1,0 +1,925 @@
+"""The transfer engine: one verified, resumable, lock-protected download path for every remote source.
+
+A download streams into the cache's partial file while a writer thread hashes and writes each chunk
+(network, hashing and disk overlap: ``hashlib`` and file writes release the GIL). The digest is checked
+against the expected sha256 (or prefix) and size, and only then is the file published into ``blobs/``
+with one ``os.replace``. Nothing unverified ever appears under ``blobs/`` or ``models/``.
+
+Robustness, in order of what goes wrong in practice:
+
+* a per-target ``flock`` makes N threads/processes pulling the same file do one transfer;
+* an interrupted transfer (even SIGKILL) resumes with ``Range`` (+ ``If-Range``); a server that ignores
+  the Range (200), answers 416, or whose ETag changed restarts cleanly from byte 0;
+* connection errors, timeouts, resets, 5xx and 429 (honouring ``Retry-After``) retry with capped
+  exponential backoff and jitter, each retry resuming from the bytes already written; other 4xx fail at once;
+* redirects are followed by hand so ``Authorization`` only ever goes to ``auth_host``;
+* large files can be fetched with parallel ranged requests into one preallocated file.
+
+Resuming in a *new* process re-hashes the partial prefix once (``hashlib`` state cannot be saved);
+retries inside one process keep the running hash and never re-read anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import os
+import queue
+import random
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import requests
+import urllib3
+
+from hubload.cache import Cache, atomic_write_json, cache_os_error
+from hubload.errors import (
+    CacheError,
+    DownloadError,
+    HashMismatchError,
+    HubloadError,
+    ModelNotFoundError,
+    OfflineError,
+)
+
+__all__ = ["DEFAULT_RETRY", "RetryPolicy", "download", "fetch_range"]
+
+logger = logging.getLogger("hubload")
+
+CHUNK_SIZE = 4 * 1024 * 1024          # bytes handed to the writer thread at a time
+PARALLEL_MIN_SIZE = 64 * 1024 * 1024  # smaller files are not worth several connections
+SEGMENT_SIZE = 16 * 1024 * 1024       # unit of work of a parallel download
+CHECKPOINT_BYTES = 64 * 1024 * 1024   # fsync + record progress this often
+MAX_REDIRECTS = 10
+_META_VERSION = 1
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_SECRET_QUERY = re.compile(r"sig|signature|token|key|credential|secret|policy|auth|session", re.I)
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try before giving up on a transfer.
+
+    Attributes:
+        attempts: Consecutive failed attempts allowed (an attempt that made progress resets the count).
+        base_delay: First backoff in seconds; doubles each failure, with jitter.
+        max_delay: Cap of one backoff.
+        max_retry_after: Cap on a server's ``Retry-After``.
+        sleep: The sleep function (tests pass a recorder).
+    """
+
+    attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    max_retry_after: float = 120.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``failures``-th consecutive failure.
+
+        Args:
+            failures: 1 for the first failure.
+            retry_after: The server's ``Retry-After`` in seconds, if any (wins, capped).
+
+        Returns:
+            The delay.
+        """
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        ceiling = min(self.max_delay, self.base_delay * 2 ** max(failures - 1, 0))
+        return random.uniform(ceiling / 2, ceiling)  # "equal jitter": spread, but never near zero
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+class _Transient(Exception):
+    """A failure worth retrying (network, 5xx, 429, short/long body)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.connect = connect  # never got an HTTP response at all
+
+
+class _Restart(Exception):
+    """The partial file cannot be continued; start again from byte 0."""
+
+
+class _NoRanges(Exception):
+    """The server does not honour Range: a parallel download must fall back to one stream."""
+
+
+_NETWORK_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+    socket.timeout,
+)
+
+
+def redact_url(url: str) -> str:
+    """Drop user:password and secret-looking query values from a URL before it is shown anywhere.
+
+    Args:
+        url: Any URL.
+
+    Returns:
+        The URL safe to log.
+    """
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = p.netloc.rsplit("@", 1)[-1]
+    query = p.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((p.scheme, netloc, p.path, query, p.fragment))
+
+
+def _host_port(netloc_or_url: str) -> tuple[str, int | None]:
+    """(lowercase host, port or None) of a URL or a bare ``host[:port]``."""
+    text = netloc_or_url if "://" in netloc_or_url else f"//{netloc_or_url}"
+    p = urlsplit(text)
+    return (p.hostname or "").lower(), p.port
+
+
+def _sends_auth(url: str, auth_host: str) -> bool:
+    """Whether ``url`` is on ``auth_host`` (same host and port; no port means the scheme's default)."""
+    p = urlsplit(url)
+    host, port = (p.hostname or "").lower(), p.port
+    default = {"http": 80, "https": 443}.get(p.scheme)
+    a_host, a_port = _host_port(auth_host)
+    return host == a_host and (port or default) == (a_port or default)
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    """Parse ``Retry-After`` (seconds or HTTP-date) into seconds."""
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass
+class _Job:
+    """Everything one download needs, so helpers take one argument."""
+
+    url: str
+    cache: Cache | None
+    sha256: str | None
+    size: int | None
+    sha256_prefix: str | None
+    headers: dict[str, str]
+    auth_host: str
+    model_id: str
+    file: str
+    retries: RetryPolicy
+    session: requests.Session
+    timeout: Any
+    key: str = ""
+    bar: Any = None
+
+    @property
+    def where(self) -> str:
+        """``model: file (url)`` for messages; never includes credentials."""
+        who = ": ".join(x for x in (self.model_id, self.file) if x)
+        return f"{who} ({redact_url(self.url)})" if who else redact_url(self.url)
+
+    @property
+    def part(self) -> Path:
+        """The partial file."""
+        assert self.cache is not None  # noqa: S101 - only downloads (which have a cache) use it
+        return self.cache.partial_path(self.key)
+
+    @property
+    def meta(self) -> Path:
+        """The resume metadata."""
+        assert self.cache is not None  # noqa: S101 - see part
+        return self.cache.partial_meta_path(self.key)
+
+
+@dataclass
+class _State:
+    """Progress of one transfer: the contiguous verified-so-far prefix of the partial file."""
+
+    offset: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+    etag: str | None = None
+    resumed_from_disk: int = 0
+    preallocated: bool = False
+    last_checkpoint: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+def _open(job: _Job, extra: Mapping[str, str] | None = None) -> tuple[requests.Response, str]:
+    """GET ``job.url`` (streamed), following redirects by hand; Authorization only to ``auth_host``."""
+    url = job.url
+    for _hop in range(MAX_REDIRECTS + 1):
+        headers = {"Accept-Encoding": "identity", **job.headers, **(extra or {})}
+        if not _sends_auth(url, job.auth_host):
+            # None removes the key after requests merges in session.headers, so a token set on the session
+            # does not leak either.
+            for k in [k for k in headers if k.lower() == "authorization"]:
+                del headers[k]
+            headers["Authorization"] = None  # type: ignore[assignment]
+        try:
+            resp = job.session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=job.timeout)
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as exc:
+            raise DownloadError(f"{job.where}: invalid request: {exc}.", url=job.url, model_id=job.model_id) from None
+        except requests.exceptions.SSLError as exc:
+            raise DownloadError(f"{job.where}: TLS error: {exc}. Check the system certificates / proxy.",
+                                url=job.url, model_id=job.model_id) from None
+        except _NETWORK_ERRORS as exc:
+            raise _Transient(f"cannot connect: {type(exc).__name__}: {exc}",
+                             connect=isinstance(exc, requests.ConnectionError)) from None
+        if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
+            nxt = urljoin(url, resp.headers["Location"])
+            resp.close()
+            if urlsplit(nxt).scheme not in ("http", "https"):
+                raise DownloadError(f"{job.where}: refusing redirect to a non-HTTP URL {redact_url(nxt)}.",
+                                    url=job.url, model_id=job.model_id)
+            logger.debug("hubload: %s redirects to %s", redact_url(url), redact_url(nxt))
+            url = nxt
+            continue
+        _raise_for_status(job, resp)
+        return resp, url
+    raise DownloadError(f"{job.where}: more than {MAX_REDIRECTS} redirects; the server is misconfigured.",
+                        url=job.url, model_id=job.model_id)
+
+
+def _raise_for_status(job: _Job, resp: requests.Response) -> None:
+    """Map an HTTP error status to a retry (5xx/429) or an immediate, explained error."""
+    status = resp.status_code
+    if status < 400:
+        return
+    resp.close()
+    if status in _RETRY_STATUS or status >= 500:
+        raise _Transient(f"HTTP {status} {resp.reason or ''}".strip(), retry_after=_retry_after(resp))
+    if status == 416:
+        raise _Restart("HTTP 416 (range not satisfiable)")
+    if status in (401, 403):
+        raise DownloadError(
+            f"{job.where}: HTTP {status}: authentication required or access denied. If this is a gated or "
+            "private Hugging Face repository, accept its terms on the Hub and set HF_TOKEN (or run "
+            "`hf auth login`); otherwise check the credentials for this server.",
+            url=job.url, model_id=job.model_id,
+        )
+    if status in (404, 410):
+        raise ModelNotFoundError(
+            f"{job.where}: HTTP {status}: the file does not exist at this URL. Check the model ID, "
+            "revision and file name in the registry entry.",
+            model_id=job.model_id or None,
+        )
+    raise DownloadError(f"{job.where}: HTTP {status} {resp.reason or ''}; not retrying.".replace(" ;", ";"),
+                        url=job.url, model_id=job.model_id)
+
+
+# ---------------------------------------------------------------------------------------------- resume state
+def _write_meta(job: _Job, state: _State) -> None:
+    """Record what the partial file is, so a later process can resume it safely."""
+    atomic_write_json(job.meta, {
+        "version": _META_VERSION, "url": redact_url(job.url), "sha256": job.sha256, "size": job.size,
+        "etag": state.etag, "bytes_done": state.offset, "preallocated": state.preallocated,
+        "model_id": job.model_id, "file": job.file, "updated_at": time.time(),
+    })
+
+
+def _load_state(job: _Job) -> _State:
+    """Resume from a previous partial if its metadata matches; otherwise start from 0."""
+    state = _State()
+    try:
+        meta = json.loads(job.meta.read_text(encoding="utf-8"))
+        have = job.part.stat().st_size
+    except (OSError, ValueError):
+        meta, have = None, 0
+    ok = (
+        isinstance(meta, dict)
+        and meta.get("version") == _META_VERSION
+        and meta.get("sha256") == job.sha256
+        and meta.get("size") == job.size
+        # Without a digest, only an ETag (sent as If-Range) tells us the bytes are still the same file.
+        and (job.sha256 is not None or bool(meta.get("etag")))
+    )
+    if ok and meta.get("preallocated"):
+        # A parallel run preallocates the file: only the hashed prefix it recorded is known good.
+        have = min(have, int(meta.get("bytes_done") or 0))
+    if not ok or (job.size is not None and have > job.size):
+        have = 0
+    try:
+        with open(job.part, "ab") as f:  # create if missing; drop anything past the resume point
+            f.truncate(have)
+    except OSError as exc:
+        raise cache_os_error(exc, job.part, "writing") from exc
+    if have:
+        logger.info("hubload: resuming %s at byte %d (re-hashing the partial prefix once)", job.where, have)
+        with open(job.part, "rb", buffering=0) as f:
+            buf = bytearray(CHUNK_SIZE)
+            view = memoryview(buf)
+            left = have
+            while left and (n := f.readinto(view[: min(left, len(buf))])):
+                state.hasher.update(view[:n])
+                left -= n
+        state.offset = have
+        state.resumed_from_disk = have
+        state.etag = meta.get("etag") if isinstance(meta, dict) else None
+    return state
+
+
+def _reset(job: _Job, state: _State) -> None:
+    """Truncate the partial and forget the hash so far."""
+    try:
+        with open(job.part, "r+b") as f:
+            f.truncate(0)
+    except OSError as exc:
+        raise cache_os_error(exc, job.part, "writing") from exc
+    state.offset = 0
+    state.hasher = hashlib.sha256()
+    state.resumed_from_disk = 0
+    state.preallocated = False
+    state.last_checkpoint = 0
+    if job.bar is not None:
+        job.bar.reset(total=job.size)
+
+
+def _checkpoint(job: _Job, f: Any, state: _State) -> None:
+    """fsync the data, then record ``bytes_done`` (so the metadata never claims unsynced bytes)."""
+    f.flush()
+    os.fsync(f.fileno())
+    state.last_checkpoint = state.offset
+    _write_meta(job, state)
+
+
+# ---------------------------------------------------------------------------------------------- one stream
+def _stream(job: _Job, state: _State, f: Any) -> None:
+    """One GET from ``state.offset`` to the end, appending to ``f`` and hashing on the way."""
+    extra = {}
+    if state.offset:
+        extra["Range"] = f"bytes={state.offset}-"
+        if state.etag and not state.etag.startswith("W/"):
+            extra["If-Range"] = state.etag
+    resp, _final_url = _open(job, extra)
+    with resp:
+        status = resp.status_code
+        etag = resp.headers.get("ETag")
+        if status == 200 and state.offset:
+            logger.info("hubload: %s ignored the Range request (or the file changed); restarting from 0", job.where)
+            _reset(job, state)
+            f.seek(0)
+        elif status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != state.offset:
+                raise _Restart(f"bad Content-Range {resp.headers.get('Content-Range')!r} for offset {state.offset}")
+            if state.etag and etag and etag != state.etag:
+                raise _Restart("the ETag changed since the partial was written")
+            total = None if m.group(3) == "*" else int(m.group(3))
+            if job.size is not None and total is not None and total != job.size:
+                raise _Transient(f"server reports {total} bytes, expected {job.size}")
+        elif status != 200:
+            raise DownloadError(f"{job.where}: unexpected HTTP {status}.", url=job.url, model_id=job.model_id)
+        if etag != state.etag or state.offset == 0:
+            state.etag = etag
+            _write_meta(job, state)
+        length = resp.headers.get("Content-Length")
+        end = state.offset + int(length) if length and length.isdigit() else None
+        if job.size is not None and end is not None and end != job.size:
+            raise _Transient(f"server announces {end} bytes in all, expected {job.size}")
+        _pump(job, state, resp.raw, f, limit=job.size if job.size is not None else end)
+    if end is not None and state.offset < end:
+        raise _Transient(f"body ended at byte {state.offset} of {end} (truncated)")
+    if job.size is not None and state.offset < job.size:
+        raise _Transient(f"body ended at byte {state.offset} of {job.size} (truncated)")
+
+
+def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None) -> None:
+    """Read the body in big chunks; a writer thread writes + hashes them while the next chunk arrives."""
+    q: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while (chunk := q.get()) is not None:
+            if failure:
+                continue  # keep draining so the reader never blocks on a dead writer
+            try:
+                f.write(chunk)
+                state.hasher.update(chunk)
+                state.offset += len(chunk)
+                if job.bar is not None:
+                    job.bar.update(len(chunk))
+                if state.offset - state.last_checkpoint >= CHECKPOINT_BYTES:
+                    _checkpoint(job, f, state)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
+                failure.append(exc)
+
+    t = threading.Thread(target=writer, name="hubload-writer", daemon=True)
+    t.start()
+    received = state.offset
+    pieces: list[bytes] = []
+    pending = 0
+    flushed_at = time.monotonic()
+    try:
+        while not failure:
+            try:
+                data = raw.read1(CHUNK_SIZE - pending, decode_content=False)
+            except _NETWORK_ERRORS as exc:
+                raise _Transient(f"connection lost after {received + pending} bytes: {type(exc).__name__}: {exc}") from None
+            if data:
+                if limit is not None and received + pending + len(data) > limit:
+                    raise _Restart(f"server sent more than the expected {limit} bytes")
+                pieces.append(data)
+                pending += len(data)
+            # Big chunks on a fast link; on a slow one, hand over at least every 0.25 s so the partial file
+            # (what a killed run resumes from, and what lock waiters watch) keeps growing.
+            now = time.monotonic()
+            if pending and (pending >= CHUNK_SIZE or not data or now - flushed_at >= 0.25):
+                q.put(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                received += pending
+                pieces, pending = [], 0
+                flushed_at = now
+            if not data:
+                break
+    finally:
+        if pieces and not failure:  # bytes that arrived before a reset are kept: the retry resumes after them
+            q.put(b"".join(pieces))
+        q.put(None)
+        t.join()
+        if failure:
+            exc = failure[0]
+            if isinstance(exc, OSError) and not isinstance(exc, HubloadError):
+                raise cache_os_error(exc, job.part, "writing") from exc
+            raise exc
+
+
+# ---------------------------------------------------------------------------------------------- parallel ranges
+def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
+    """Fetch ``[state.offset, size)`` with ``workers`` ranged requests into a preallocated file.
+
+    Workers ``pwrite`` their segments; this thread hashes the file in order as contiguous bytes complete,
+    re-reading just-written data from the page cache (one memory copy, no disk read in practice) so memory
+    stays bounded to one chunk per worker. Raises ``_NoRanges`` if the server ignores Range.
+    """
+    if job.size is None:
+        raise _NoRanges()
+    size = job.size
+    fd = f.fileno()
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        raise cache_os_error(exc, job.part, "preallocating") from exc
+    state.preallocated = True
+    _write_meta(job, state)
+
+    segments = [(a, min(a + SEGMENT_SIZE, size)) for a in range(state.offset, size, SEGMENT_SIZE)]
+    done: dict[int, int] = {}  # segment start -> end, once fully written
+    cond = threading.Condition()
+    next_seg = [0]
+    errors: list[BaseException] = []
+    window = workers * 4  # a worker never runs further ahead of the hasher than this many segments
+
+    def worker() -> None:
+        session = requests.Session()
+        session.mount("http://", job.session.get_adapter("http://"))
+        session.mount("https://", job.session.get_adapter("https://"))
+        sub = dataclasses.replace(job, session=session, bar=None)
+        try:
+            while True:
+                with cond:
+                    while not errors and next_seg[0] < len(segments) and next_seg[0] - hashed_seg[0] >= window:
+                        cond.wait(0.5)
+                    if errors or next_seg[0] >= len(segments):
+                        return
+                    a, b = segments[next_seg[0]]
+                    next_seg[0] += 1
+                _fetch_segment(sub, etag, fd, a, b)
+                with cond:
+                    done[a] = b
+                    cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - reported to the hashing thread
+            with cond:
+                errors.append(exc)
+                cond.notify_all()
+        finally:
+            session.close()
+
+    hashed_seg = [0]
+    etag = [state.etag]  # the first response's ETag binds every other segment to the same file version
+    threads = [threading.Thread(target=worker, name=f"hubload-range-{i}", daemon=True) for i in range(workers)]
+    for t in threads:
+        t.start()
+    buf = bytearray(CHUNK_SIZE)
+    view = memoryview(buf)
+    try:
+        while state.offset < size:
+            with cond:
+                while not errors and state.offset not in done:
+                    cond.wait(0.5)
+                if errors and state.offset not in done:
+                    raise errors[0]
+                end = done.pop(state.offset)
+            pos = state.offset
+            while pos < end:
+                n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos) if hasattr(os, "preadv") else \
+                    _pread_into(fd, view[: min(len(buf), end - pos)], pos)
+                if n <= 0:
+                    raise _Restart("partial file shorter than written data")
+                state.hasher.update(view[:n])
+                pos += n
+                if job.bar is not None:
+                    job.bar.update(n)
+            state.offset = end
+            state.etag = etag[0]  # recorded with the next checkpoint, for If-Range on resume
+            with cond:
+                hashed_seg[0] += 1
+                cond.notify_all()
+            if state.offset - state.last_checkpoint >= CHECKPOINT_BYTES:
+                _checkpoint(job, f, state)
+    finally:
+        with cond:
+            if state.offset < size:
+                errors.append(_Transient("parallel download interrupted"))
+            cond.notify_all()
+        for t in threads:
+            t.join()
+
+
+def _pread_into(fd: int, view: memoryview, pos: int) -> int:
+    """``preadv`` for platforms without it."""
+    data = os.pread(fd, len(view), pos)
+    view[: len(data)] = data
+    return len(data)
+
+
+def _fetch_segment(job: _Job, etag: list[str | None], fd: int, a: int, b: int) -> None:
+    """Fetch bytes ``[a, b)`` into the file at ``a``; retries resume inside the segment."""
+    pos = a
+    failures = 0
+    while pos < b:
+        before = pos
+        extra = {"Range": f"bytes={pos}-{b - 1}"}
+        if etag[0] and not etag[0].startswith("W/"):
+            extra["If-Range"] = etag[0]
+        try:
+            resp, _ = _open(job, extra)
+            with resp:
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if resp.status_code != 206 or not m or int(m.group(1)) != pos or int(m.group(2)) != b - 1:
+                    raise _NoRanges()
+                got = resp.headers.get("ETag")
+                if etag[0] is None:
+                    etag[0] = got
+                elif got and got != etag[0]:
+                    raise _Restart("the ETag changed during a parallel download")
+                try:
+                    while pos < b:
+                        data = resp.raw.read1(min(CHUNK_SIZE, b - pos), decode_content=False)
+                        if not data:
+                            raise _Transient(f"range {a}-{b - 1} ended at byte {pos} (truncated)")
+                        try:
+                            os.pwrite(fd, data, pos)
+                        except OSError as exc:
+                            raise cache_os_error(exc, job.part, "writing") from exc
+                        pos += len(data)
+                except _NETWORK_ERRORS as exc:
+                    raise _Transient(f"connection lost in range {a}-{b - 1}: {type(exc).__name__}: {exc}") from None
+        except _Transient as exc:
+            failures = 1 if pos > before else failures + 1
+            if failures >= job.retries.attempts:
+                raise
+            job.retries.sleep(job.retries.delay(failures, exc.retry_after))
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+def _transfer(job: _Job, parallel: int) -> Path:
+    """Run the download loop under the lock; return the published blob."""
+    cache = job.cache
+    assert cache is not None  # noqa: S101 - download() always sets it
+    cache._mkdir(cache.partial_dir)
+    state = _load_state(job)
+    failures = 0
+    restarts = 0
+    # Parallel ranges need a digest to check against: without one, segments of two versions of a file that
+    # changed mid-download could be spliced together undetected.
+    use_parallel = (parallel > 1 and job.size is not None and job.size >= PARALLEL_MIN_SIZE
+                    and bool(job.sha256 or job.sha256_prefix))
+    if job.bar is not None:
+        job.bar.reset(total=job.size)
+        job.bar.update(state.offset)
+    try:
+        f = open(job.part, "r+b")  # noqa: SIM115 - closed in finally, needed across retries
+    except OSError as exc:
+        raise cache_os_error(exc, job.part, "opening") from exc
+    try:
+        while True:
+            before = state.offset
+            try:
+                if job.size is None or state.offset < job.size:
+                    if use_parallel:
+                        _parallel(job, state, f, parallel)
+                    else:
+                        f.seek(state.offset)
+                        _stream(job, state, f)
+                f.flush()
+                digest = state.hasher.hexdigest()
+                if _digest_ok(job, digest):
+                    break
+                if state.resumed_from_disk and restarts == 0:
+                    # The prefix from an earlier run may be damaged (power loss): one clean retry from 0.
+                    logger.warning("hubload: %s: resumed file failed verification; downloading it again", job.where)
+                    restarts += 1
+                    _reset(job, state)
+                    continue
+                _discard(job, f)
+                expected = job.sha256 or f"{job.sha256_prefix}..."
+                raise HashMismatchError(
+                    f"{job.where}: sha256 mismatch: expected {expected}, got {digest}. The download was "
+                    "discarded. If the file changed upstream, update the registry's sha256; otherwise retry.",
+                    url=job.url, model_id=job.model_id, expected=job.sha256 or job.sha256_prefix, actual=digest,
+                    path=job.file or None,
+                )
+            except _NoRanges:
+                logger.info("hubload: %s does not honour Range; using a single stream", job.where)
+                use_parallel = False
+                _reset(job, state)
+            except _Restart as exc:
+                restarts += 1
+                logger.info("hubload: %s: %s; restarting from byte 0", job.where, exc)
+                if restarts > job.retries.attempts:
+                    raise DownloadError(f"{job.where}: gave up after {restarts} restarts ({exc}).",
+                                        url=job.url, model_id=job.model_id) from None
+                _reset(job, state)
+            except _Transient as exc:
+                # A flaky link that still makes progress should finish the file, not burn the attempts.
+                failures = 1 if state.offset - before >= (1 << 20) else failures + 1
+                with suppress(OSError):
+                    _write_meta(job, state)
+                if failures >= job.retries.attempts:
+                    cls = OfflineError if exc.connect and state.offset == 0 else DownloadError
+                    hint = ("the server is unreachable; check the network or use offline mode with a "
+                            "cached copy" if cls is OfflineError else
+                            "run the command again to resume from the bytes already downloaded")
+                    raise cls(f"{job.where}: failed after {failures} attempts: {exc}; {hint}.",
+                              url=job.url, model_id=job.model_id) from None
+                wait = job.retries.delay(failures, exc.retry_after)
+                logger.info("hubload: %s: %s; retrying in %.1fs (attempt %d of %d)",
+                            job.where, exc, wait, failures + 1, job.retries.attempts)
+                job.retries.sleep(wait)
+        f.close()
+        blob = cache.publish(job.part, digest)
+        with suppress(FileNotFoundError):
+            job.meta.unlink()
+        return blob
+    finally:
+        if not f.closed:
+            f.close()
+
+
+def _digest_ok(job: _Job, digest: str) -> bool:
+    """Compare with the full sha256 or, torch.hub style, a prefix."""
+    if job.sha256 is not None:
+        return digest == job.sha256
+    if job.sha256_prefix:
+        return digest.startswith(job.sha256_prefix.lower())
+    return True
+
+
+def _discard(job: _Job, f: Any) -> None:
+    """Delete a partial that failed verification, and its metadata."""
+    f.close()
+    for p in (job.part, job.meta):
+        with suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _make_bar(job: _Job, progress: bool | Mapping[str, Any] | None) -> Any:
+    """A tqdm bar on stderr, or None; ``disable=None`` switches it off when stderr is not a TTY."""
+    if progress is False:
+        return None
+    from tqdm import tqdm
+
+    kwargs: dict[str, Any] = {
+        "total": job.size, "unit": "B", "unit_scale": True, "unit_divisor": 1024, "file": sys.stderr,
+        "desc": job.file or os.path.basename(urlsplit(job.url).path) or "download", "disable": None,
+        "leave": False,
+    }
+    if isinstance(progress, Mapping):
+        kwargs.update(progress)
+    return tqdm(**kwargs)
+
+
+def download(
+    url: str,
+    cache: Cache,
+    *,
+    sha256: str | None,
+    size: int | None,
+    sha256_prefix: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    auth_host: str | None = None,
+    model_id: str = "",
+    file: str = "",
+    offline: bool = False,
+    progress: bool | Mapping[str, Any] | None = False,
+    retries: RetryPolicy = DEFAULT_RETRY,
+    parallel: int | None = None,
+    session: requests.Session | None = None,
+    timeout: float | tuple[float, float] = (10, 60),
+    lock_timeout: float | None = 600.0,
+) -> Path:
+    """Download ``url`` into the cache, verified, and return the blob path.
+
+    A warm hit (``sha256`` given and the blob present with the right size) returns at once: no request,
+    no hashing.
+
+    Args:
+        url: An http(s) URL (after the source resolved it).
+        cache: The cache to publish into.
+        sha256: Expected sha256 (lowercase hex); None if unknown (then the blob is named by the digest).
+        size: Expected size in bytes, or None.
+        sha256_prefix: Accept a digest starting with this (torch.hub ``check_hash`` style) when ``sha256``
+            is None.
+        headers: Extra request headers (e.g. ``Authorization``, ``User-Agent``). Never logged.
+        auth_host: ``host[:port]`` that may receive ``Authorization``; default: the host of ``url``.
+            Any redirect to another host (a CDN) drops the header.
+        model_id: For messages.
+        file: For messages and the progress bar.
+        offline: Refuse the network: a miss raises :class:`OfflineError` at once.
+        progress: True or None for a tqdm bar on stderr that switches itself off when stderr is not a TTY;
+            a dict of tqdm kwargs (e.g. ``{"disable": False}`` to force it); False for none.
+        retries: The :class:`RetryPolicy`.
+        parallel: Ranged connections for files >= 64 MiB (None/1: one stream).
+        session: A ``requests.Session`` to reuse; one is created per call otherwise.
+        timeout: ``(connect, read)`` timeout in seconds.
+        lock_timeout: Give up waiting for another process downloading the same file after this many seconds
+            *without progress* on its partial file (None: wait as long as it lives).
+
+    Returns:
+        The path of the verified, read-only blob.
+
+    Raises:
+        OfflineError: ``offline`` and not cached, or the server stayed unreachable.
+        HashMismatchError: the bytes did not match; nothing was kept.
+        ModelNotFoundError: HTTP 404/410.
+        DownloadError: other HTTP errors (401/403 say how to authenticate) or retries exhausted.
+        CacheError: the cache is read-only or the disk is full.
+    """
+    if sha256 is not None:
+        sha256 = sha256.lower()
+        if cache.has_blob(sha256, size):
+            return cache.blob_path(sha256)
+    who = ": ".join(x for x in (model_id, file) if x) or "file"
+    if offline:
+        raise OfflineError(
+            f"{who} is not in the hubload cache ({cache.root}) and offline mode is on, so {redact_url(url)} "
+            "was not fetched. Pull it once while online, or turn offline mode off (unset HUBLOAD_OFFLINE / "
+            "HF_HUB_OFFLINE, or pass offline=False).",
+            url=url, model_id=model_id or None,
+        )
+    key = sha256 if sha256 is not None else "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
+    own_session = session is None
+    job = _Job(
+        url=url, cache=cache, sha256=sha256, size=size, sha256_prefix=sha256_prefix, headers=dict(headers or {}),
+        auth_host=auth_host or urlsplit(url).netloc.rsplit("@", 1)[-1], model_id=model_id, file=file,
+        retries=retries, session=session or requests.Session(), timeout=timeout, key=key,
+    )
+    try:
+        with cache.lock(key, timeout=lock_timeout, watch=job.part):
+            if sha256 is not None and cache.has_blob(sha256, size):  # someone else just finished it
+                return cache.blob_path(sha256)
+            job.bar = _make_bar(job, progress)
+            try:
+                return _transfer(job, parallel or 1)
+            finally:
+                if job.bar is not None:
+                    job.bar.close()
+    finally:
+        if own_session:
+            job.session.close()
+
+
+def fetch_range(
+    url: str,
+    start: int,
+    end: int,
+    *,
+    headers: Mapping[str, str] | None = None,
+    auth_host: str | None = None,
+    model_id: str = "",
+    file: str = "",
+    offline: bool = False,
+    retries: RetryPolicy = DEFAULT_RETRY,
+    session: requests.Session | None = None,
+    timeout: float | tuple[float, float] = (10, 60),
+) -> bytes:
+    """Read bytes ``[start, end)`` of a remote file (e.g. a safetensors header) without downloading it.
+
+    Same redirect, token and retry rules as :func:`download`. A server that ignores Range is handled by
+    reading only up to ``end`` of its full response.
+
+    Args:
+        url: An http(s) URL.
+        start: First byte (0-based).
+        end: One past the last byte, like a slice. Fewer bytes come back if the file is shorter.
+        headers: Extra request headers (``Authorization`` only goes to ``auth_host``).
+        auth_host: ``host[:port]`` allowed to receive ``Authorization``; default: the host of ``url``.
+        model_id: For messages.
+        file: For messages.
+        offline: Raise :class:`OfflineError` instead of using the network.
+        retries: The :class:`RetryPolicy`.
+        session: A ``requests.Session`` to reuse.
+        timeout: ``(connect, read)`` timeout.
+
+    Returns:
+        The bytes.
+
+    Raises:
+        OfflineError, DownloadError, ModelNotFoundError: as for :func:`download`.
+    """
+    if start < 0 or end < start:
+        raise ValueError(f"fetch_range: bad byte range [{start}, {end})")
+    if end == start:
+        return b""
+    if offline:
+        who = ": ".join(x for x in (model_id, file) if x) or "file"
+        raise OfflineError(f"{who}: offline mode is on, so {redact_url(url)} was not read. Turn offline mode "
+                           "off, or pull the model while online.", url=url, model_id=model_id or None)
+    own_session = session is None
+    job = _Job(
+        url=url, cache=None, sha256=None, size=None, sha256_prefix=None,
+        headers=dict(headers or {}), auth_host=auth_host or urlsplit(url).netloc.rsplit("@", 1)[-1],
+        model_id=model_id, file=file, retries=retries, session=session or requests.Session(), timeout=timeout,
+    )
+    failures = 0
+    try:
+        while True:
+            try:
+                return _read_range(job, start, end)
+            except _Restart as exc:  # 416: the file is shorter than start
+                logger.debug("hubload: range [%d, %d) of %s: %s", start, end, job.where, exc)
+                return b""
+            except _Transient as exc:
+                failures += 1
+                if failures >= retries.attempts:
+                    cls = OfflineError if exc.connect else DownloadError
+                    raise cls(f"{job.where}: reading bytes {start}-{end - 1} failed after {failures} attempts: "
+                              f"{exc}.", url=url, model_id=model_id or None) from None
+                retries.sleep(retries.delay(failures, exc.retry_after))
+    finally:
+        if own_session:
+            job.session.close()
+
+
+def _read_range(job: _Job, start: int, end: int) -> bytes:
+    """One ranged GET; tolerate a 200 by skipping to ``start`` in the full body."""
+    resp, _ = _open(job, {"Range": f"bytes={start}-{end - 1}"})
+    with resp:
+        skip = 0
+        if resp.status_code == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != start:
+                raise _Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
+        elif resp.status_code == 200:
+            skip = start
+        else:
+            raise DownloadError(f"{job.where}: unexpected HTTP {resp.status_code}.", url=job.url,
+                                model_id=job.model_id)
+        want = end - start
+        out = bytearray()
+        try:
+            while len(out) < skip + want:
+                data = resp.raw.read1(min(CHUNK_SIZE, skip + want - len(out)), decode_content=False)
+                if not data:
+                    break
+                out += data
+        except _NETWORK_ERRORS as exc:
+            raise _Transient(f"connection lost: {type(exc).__name__}: {exc}") from None
+    return bytes(out[skip: skip + want])
