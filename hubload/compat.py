@@ -1,0 +1,363 @@
+"""Compatibility checker: does a checkpoint fit a model? Answered before any tensor is copied.
+
+Both sides arrive in the canonical layout (see :mod:`hubload.layout`): the checkpoint as
+``CanonicalTensor`` objects, the model as anything with ``.shape`` and ``.dtype``. :func:`check`
+normalises keys (wrapper prefixes, one base-model prefix), pairs tensors and sorts every key into
+exactly one bucket of a :class:`CompatReport`: matched, missing, unexpected, shape mismatch, ignored
+(with the reason) or replaced. dtype differences are matched tensors that will be cast.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+from hubload.errors import IncompatibleWeightsError
+from hubload.layout import Transform, align_prefixes, ignorable_reason, strip_wrapper_prefixes
+from hubload.readers import canonical_dtype
+
+__all__ = ["CompatReport", "DtypeCast", "Ignored", "Match", "ShapeMismatch", "check"]
+
+
+@dataclass(frozen=True)
+class Match:
+    """A model tensor and the checkpoint tensor that will fill it.
+
+    Attributes:
+        key: The model's key (as given to :func:`check`).
+        checkpoint_key: The key in the checkpoint mapping given to :func:`check` (canonical name).
+        source: The tensor's native name in the checkpoint file.
+        shape: Canonical shape (equal on both sides).
+        dtype_from: Checkpoint dtype.
+        dtype_to: Model dtype (the checkpoint tensor is cast to it).
+        rule: Layout rule that translated the checkpoint tensor, if any.
+        transform: Checkpoint native -> canonical transform, if any.
+    """
+
+    key: str
+    checkpoint_key: str
+    source: str
+    shape: tuple[int, ...]
+    dtype_from: str
+    dtype_to: str
+    rule: str | None = None
+    transform: Transform | None = None
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """Same name on both sides, different canonical shapes."""
+
+    key: str
+    checkpoint_key: str
+    checkpoint_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DtypeCast:
+    """A matched tensor whose dtype differs; it is cast to the model's dtype."""
+
+    key: str
+    from_dtype: str
+    to_dtype: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A key deliberately left out, and why.
+
+    Attributes:
+        key: Model key (side "model") or checkpoint key (side "checkpoint").
+        reason: Why ("excluded by 'head.*'", "non-persistent buffer ...").
+        side: "model" or "checkpoint".
+    """
+
+    key: str
+    reason: str
+    side: str = "checkpoint"
+
+
+def _shape(values: Iterable[Any]) -> tuple[int, ...]:
+    """Shape tuple of ints."""
+    return tuple(int(d) for d in values)
+
+
+@dataclass
+class CompatReport:
+    """Everything :func:`check` found, one bucket per key.
+
+    ``ok`` is True when nothing is missing, unexpected or mis-shaped. Render with ``str(report)`` or
+    :meth:`render`; :meth:`to_json` keeps every key.
+    """
+
+    source: str = ""
+    target: str = ""
+    matched: list[Match] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
+    dtype_casts: list[DtypeCast] = field(default_factory=list)
+    ignored: list[Ignored] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    prefix_changes: list[str] = field(default_factory=list)
+    strict: bool = True
+
+    @property
+    def ok(self) -> bool:
+        """No missing, unexpected or shape-mismatched tensors."""
+        return not (self.missing or self.unexpected or self.shape_mismatches)
+
+    # ------------------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form with every key (shapes as lists, transforms as dicts)."""
+        def conv(obj: Any) -> Any:
+            if isinstance(obj, Transform):
+                return obj.to_dict()
+            if isinstance(obj, tuple):
+                return [conv(o) for o in obj]
+            if isinstance(obj, list):
+                return [conv(o) for o in obj]
+            if isinstance(obj, dict):
+                return {k: conv(v) for k, v in obj.items()}
+            return obj
+
+        d = {
+            "source": self.source,
+            "target": self.target,
+            "ok": self.ok,
+            "strict": self.strict,
+            "counts": {
+                "matched": len(self.matched), "missing": len(self.missing),
+                "unexpected": len(self.unexpected), "shape_mismatches": len(self.shape_mismatches),
+                "dtype_casts": len(self.dtype_casts), "ignored": len(self.ignored),
+                "replaced": len(self.replaced),
+            },
+            "prefix_changes": list(self.prefix_changes),
+            "shape_mismatches": [asdict(m) for m in self.shape_mismatches],
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "dtype_casts": [asdict(c) for c in self.dtype_casts],
+            "ignored": [asdict(i) for i in self.ignored],
+            "replaced": list(self.replaced),
+            "matched": [{**asdict(m), "transform": m.transform.to_dict() if m.transform else None}
+                        for m in self.matched],
+        }
+        return conv(d)
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict` (``kwargs`` go to ``json.dumps``, e.g. ``indent=2``)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompatReport:
+        """Rebuild a report from :meth:`to_dict` output."""
+        return cls(
+            source=data.get("source", ""),
+            target=data.get("target", ""),
+            matched=[Match(**{**m, "shape": _shape(m["shape"]),
+                              "transform": Transform.from_dict(m["transform"]) if m.get("transform") else None})
+                     for m in data.get("matched", [])],
+            missing=list(data.get("missing", [])),
+            unexpected=list(data.get("unexpected", [])),
+            shape_mismatches=[ShapeMismatch(s["key"], s["checkpoint_key"], _shape(s["checkpoint_shape"]),
+                                            _shape(s["model_shape"])) for s in data.get("shape_mismatches", [])],
+            dtype_casts=[DtypeCast(**c) for c in data.get("dtype_casts", [])],
+            ignored=[Ignored(**i) for i in data.get("ignored", [])],
+            replaced=list(data.get("replaced", [])),
+            prefix_changes=list(data.get("prefix_changes", [])),
+            strict=bool(data.get("strict", True)),
+        )
+
+    # ---------------------------------------------------------------------------------- rendering
+
+    def summary(self) -> str:
+        """One line: status and counts."""
+        problems = []
+        for n, word in ((len(self.shape_mismatches), "shape mismatch"), (len(self.missing), "missing"),
+                        (len(self.unexpected), "unexpected")):
+            if n:
+                problems.append(f"{n} {word}{'es' if word.endswith('ch') and n != 1 else ''}")
+        status = "OK" if self.ok else "INCOMPATIBLE (" + ", ".join(problems) + ")"
+        rest = (f"{len(self.matched)} matched, {len(self.dtype_casts)} dtype casts, "
+                f"{len(self.ignored)} ignored, {len(self.replaced)} replaced")
+        label = f"{self.source or 'checkpoint'} -> {self.target or 'model'}"
+        return f"{label}: {status}; {rest}"
+
+    def render(self, limit: int = 20, *, problems_only: bool = False) -> str:
+        """A readable table: problems first, with counts, up to ``limit`` keys per group.
+
+        Args:
+            limit: Keys listed per group (the JSON form has them all).
+            problems_only: Leave out dtype casts, ignored and replaced groups.
+
+        Returns:
+            Multi-line text.
+        """
+        lines = [self.summary()]
+        lines += [f"  key normalisation: {c}" for c in self.prefix_changes]
+
+        def group(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...] | None = None,
+                  note: str = "") -> None:
+            if not rows:
+                return
+            lines.append("")
+            lines.append(f"{title} ({len(rows)}){': ' + note if note else ':'}")
+            shown = rows[:limit]
+            table = ([header] if header else []) + shown
+            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+            for r in table:
+                lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if len(rows) > limit:
+                lines.append(f"  ... and {len(rows) - limit} more (every key is in report.to_json())")
+
+        group("shape mismatches", [(m.key, str(list(m.checkpoint_shape)), str(list(m.model_shape)))
+                                   for m in self.shape_mismatches], ("key", "checkpoint", "model"))
+        group("missing", [(k,) for k in self.missing], note="in the model, not in the checkpoint")
+        group("unexpected", [(k,) for k in self.unexpected], note="in the checkpoint, not in the model")
+        if not problems_only:
+            pairs: dict[tuple[str, str], list[str]] = {}
+            for c in self.dtype_casts:
+                pairs.setdefault((c.from_dtype, c.to_dtype), []).append(c.key)
+            group("dtype casts", [(f"{a} -> {b}", f"{len(keys)} tensor{'s' if len(keys) != 1 else ''}", ", ".join(keys[:3]) +
+                                   (", ..." if len(keys) > 3 else "")) for (a, b), keys in pairs.items()])
+            group("ignored", [(i.key, f"[{i.side}]", i.reason) for i in self.ignored])
+            group("replaced", [(k,) for k in self.replaced], note="re-initialised, not loaded")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def raise_if_incompatible(self, strict: bool | None = None) -> None:
+        """Raise when the report forbids loading.
+
+        Strict: any missing, unexpected or shape problem raises. Non-strict: missing and unexpected
+        tensors are allowed, but shape mismatches still raise (exclude them explicitly to skip them).
+
+        Args:
+            strict: Override the report's ``strict`` flag.
+
+        Raises:
+            IncompatibleWeightsError: Carries this report as ``.report``.
+        """
+        strict = self.strict if strict is None else strict
+        if self.ok or (not strict and not self.shape_mismatches):
+            return
+        if strict:
+            hint = ("Pass strict=False to load the matching tensors anyway, exclude=[...] to leave model "
+                    "tensors alone, or replace=[...] for a new head.")
+        else:
+            hint = ("Shape mismatches are never skipped silently: exclude=[...] or replace=[...] "
+                    "the tensors named above.")
+        raise IncompatibleWeightsError(f"{self.render(problems_only=True)}\n{hint}", report=self)
+
+
+def _first_glob(name: str, globs: Iterable[str]) -> str | None:
+    """The first glob matching ``name``."""
+    for g in globs:
+        if fnmatch.fnmatchcase(name, g):
+            return g
+    return None
+
+
+def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: Iterable[str] = (),
+          ignore: Iterable[str] = (), replace: Iterable[str] = (), strict: bool = True, source: str = "",
+          target: str = "", align: bool = True) -> CompatReport:
+    """Pair checkpoint tensors with model tensors and report every difference.
+
+    Keys are normalised first: ``module.``/``_orig_mod.`` wrapper prefixes are stripped on both sides,
+    then one base-model prefix (``bert.``) is added to or stripped from checkpoint keys when that lines
+    up noticeably more names (recorded in ``prefix_changes``).
+
+    Args:
+        checkpoint: Canonical name -> :class:`~hubload.layout.CanonicalTensor` (or anything with
+            ``.shape`` and ``.dtype``; ``.source``/``.rule``/``.transform`` are used when present).
+        model: Canonical name -> object with ``.shape`` and ``.dtype``.
+        exclude: Globs on model names: those tensors are left untouched and reported as ignored
+            (a checkpoint tensor of the same name too).
+        ignore: Globs on checkpoint names the model does not use (e.g. ``cls.*``): reported as ignored.
+        replace: Globs on model names of re-initialised heads: reported as replaced, never as missing
+            or mismatched.
+        strict: Stored on the report for :meth:`CompatReport.raise_if_incompatible`.
+        source: Label of the checkpoint (model ID, file).
+        target: Label of the model (class name).
+        align: Try the base-model prefix alignment.
+
+    Returns:
+        The :class:`CompatReport` (this function never raises for incompatibility).
+    """
+    exclude, ignore, replace = tuple(exclude), tuple(ignore), tuple(replace)
+    report = CompatReport(source=source, target=target, strict=strict)
+
+    ck_norm, ck_changed = strip_wrapper_prefixes(checkpoint)
+    if ck_changed:
+        report.prefix_changes.append(f"stripped wrapper prefixes (module./_orig_mod.) from {ck_changed} "
+                                     "checkpoint keys")
+    md_norm, md_changed = strip_wrapper_prefixes(model)
+    if md_changed:
+        report.prefix_changes.append(f"stripped wrapper prefixes (module./_orig_mod.) from {md_changed} model keys")
+    if align:
+        alignment = align_prefixes(ck_norm, md_norm)
+        if alignment.action:
+            report.prefix_changes.append(alignment.describe())
+        ck_keys = {aligned: ck_norm[orig] for aligned, orig in alignment.mapping.items()}
+    else:
+        ck_keys = dict(ck_norm)  # aligned name -> original checkpoint key
+
+    consumed: set[str] = set()
+    for name, model_key in md_norm.items():
+        spec = model[model_key]
+        ck_key = ck_keys.get(name)
+        g = _first_glob(name, exclude)
+        if g is not None:
+            report.ignored.append(Ignored(model_key, f"excluded by {g!r}", "model"))
+            if ck_key is not None:
+                consumed.add(name)
+                report.ignored.append(Ignored(ck_key, f"excluded by {g!r}", "checkpoint"))
+            continue
+        g = _first_glob(name, replace)
+        if g is not None:
+            report.replaced.append(model_key)
+            if ck_key is not None:
+                consumed.add(name)
+                report.ignored.append(Ignored(ck_key, f"model tensor is replaced ({g!r})", "checkpoint"))
+            continue
+        if ck_key is None:
+            reason = ignorable_reason(name, "model")
+            if reason:
+                report.ignored.append(Ignored(model_key, f"{reason}; not in the checkpoint", "model"))
+            else:
+                report.missing.append(model_key)
+            continue
+        consumed.add(name)
+        tensor = checkpoint[ck_key]
+        ck_shape, md_shape = _shape(tensor.shape), _shape(spec.shape)
+        if ck_shape != md_shape:
+            report.shape_mismatches.append(ShapeMismatch(model_key, ck_key, ck_shape, md_shape))
+            continue
+        d_from, d_to = canonical_dtype(tensor.dtype), canonical_dtype(spec.dtype)
+        report.matched.append(Match(model_key, ck_key, getattr(tensor, "source", ck_key), md_shape, d_from, d_to,
+                                    getattr(tensor, "rule", None), getattr(tensor, "transform", None)))
+        if d_from != d_to:
+            report.dtype_casts.append(DtypeCast(model_key, d_from, d_to))
+
+    for name, ck_key in ck_keys.items():
+        if name in consumed:
+            continue
+        g = _first_glob(name, ignore) or (_first_glob(ck_key, ignore) if ck_key != name else None)
+        if g is not None:
+            report.ignored.append(Ignored(ck_key, f"ignored by {g!r}", "checkpoint"))
+            continue
+        g = _first_glob(name, exclude)
+        if g is not None:
+            report.ignored.append(Ignored(ck_key, f"excluded by {g!r}", "checkpoint"))
+            continue
+        reason = ignorable_reason(name, "checkpoint")
+        if reason:
+            report.ignored.append(Ignored(ck_key, f"{reason}; the model has no such tensor", "checkpoint"))
+        else:
+            report.unexpected.append(ck_key)
+    return report
