@@ -61,7 +61,7 @@ def hf_file_url(repo_id: str, revision: str, path: str, endpoint: str | None = N
 
 def _hf_headers(token: str | None) -> tuple[dict[str, str], str | None]:
     """Headers for Hub requests and the host allowed to see the token."""
-    host = urlsplit(config.hf_endpoint()).hostname
+    host = urlsplit(config.hf_endpoint()).netloc.rpartition("@")[2].lower()  # host[:port], never credentials
     headers = {"user-agent": "hubload/0.1"}
     if token:
         headers["authorization"] = f"Bearer {token}"

@@ -1,0 +1,67 @@
+"""``hubload list`` and ``hubload info ID``."""
+
+from __future__ import annotations
+
+import click
+
+from ..cache import Cache
+from ..pull import cached_files
+from ..registry import load_registry
+from ._common import echo_json, human_size, registry_option
+
+
+@click.command("list")
+@registry_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(registry: tuple[str, ...], as_json: bool) -> None:
+    """List the model IDs of every registry layer."""
+    reg = load_registry(list(registry) or None)
+    rows = [{"id": e.id, "source": e.source, "format": e.format, "frameworks": e.frameworks(),
+             "size": sum(f.size or 0 for f in e.files), "description": e.description or ""} for e in reg]
+    rows.sort(key=lambda r: r["id"])
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        fws = ",".join(r["frameworks"]) or "-"
+        click.echo(f"{r['id']:<28} {r['format']:<13} {fws:<9} {human_size(r['size']):>10}  {r['description']}")
+
+
+@click.command("info")
+@click.argument("model_id")
+@registry_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_cmd(model_id: str, registry: tuple[str, ...], as_json: bool) -> None:
+    """Show one registry entry: source, pinning, files, architectures, cache state."""
+    entry = load_registry(list(registry) or None).get(model_id)
+    cached = cached_files(entry, cache=Cache(), allow_unpinned=True)
+    pin = "pinned (commit + sha256)" if entry.pinned else (
+        "WEAKLY PINNED: some files are checked only by a sha256 prefix or the Hub's hash" if entry.weakly_pinned
+        else "not pinned to a commit: the revision may move")
+    data = {
+        "id": entry.id, "source": entry.source, "revision": entry.revision, "format": entry.format,
+        "layout": entry.layout, "pinning": pin, "pinned": entry.pinned, "weakly_pinned": entry.weakly_pinned,
+        "architecture": dict(entry.architecture), "config": dict(entry.config), "license": entry.license,
+        "description": entry.description, "homepage": entry.homepage, "head": list(entry.head),
+        "registry_file": entry.registry_file, "cached": cached is not None,
+        "files": [{"path": f.path, "sha256": f.sha256, "sha256_prefix": f.sha256_prefix, "size": f.size}
+                  for f in entry.files],
+    }
+    if as_json:
+        echo_json(data)
+        return
+    for key in ("id", "source", "revision", "format", "layout", "pinning", "license", "description", "homepage",
+                "registry_file"):
+        if data[key] is not None:
+            click.echo(f"{key + ':':<15}{data[key]}")
+    click.echo(f"{'frameworks:':<15}{', '.join(entry.frameworks()) or '-'}")
+    click.echo(f"{'cached:':<15}{'yes' if cached else 'no'}")
+    for f in entry.files:
+        digest = f.sha256 or (f"{f.sha256_prefix}… (prefix only)" if f.sha256_prefix else "(Hub LFS sha256)")
+        click.echo(f"  {f.path}  {human_size(f.size)}  sha256 {digest}")
+
+
+def register(cli: click.Group) -> None:
+    """Attach this module's commands."""
+    cli.add_command(list_cmd)
+    cli.add_command(info_cmd)

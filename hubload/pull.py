@@ -1,0 +1,255 @@
+"""``hubload.pull``: resolve a registry entry, fetch its files through the transfer engine, and link them.
+
+A pull of a pinned entry whose files are cached makes zero network requests and hashes nothing: a blob's
+presence (with the right size) under ``blobs/`` means it was verified when it was published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import config
+from .cache import Cache
+from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineError
+from .registry import FileSpec, ModelEntry, RegistryArg, load_registry
+from .sources import ResolvedFile, resolve_file, resolve_hf_revision
+
+__all__ = ["cached_files", "pull", "pull_entry", "verify"]
+
+log = logging.getLogger("hubload")
+
+_CHUNK = 8 << 20
+
+
+def _snapshot_rev(entry: ModelEntry, commit: str | None) -> str:
+    """Name of the snapshot folder: the commit for hf://, else the scheme."""
+    if entry.scheme == "hf":
+        return commit or entry.revision or "main"
+    return "local" if entry.scheme == "file" else "url"
+
+
+def _known_sha(entry: ModelEntry, spec: FileSpec, ref: Mapping[str, Any] | None) -> str | None:
+    """The sha256 a cached copy must have: the registry's, else one recorded at an earlier verified pull."""
+    if spec.sha256:
+        return spec.sha256
+    if not ref:
+        return None
+    rec = (ref.get("files") or {}).get(spec.path) or {}
+    sha = rec.get("sha256")
+    if not sha:
+        return None
+    if spec.sha256_prefix and not sha.startswith(spec.sha256_prefix):
+        return None
+    if entry.scheme == "hf" and entry.revision and ref.get("revision") not in (None, entry.revision) \
+            and ref.get("commit") != entry.revision and ref.get("revision") != entry.revision:
+        return None
+    return sha
+
+
+def cached_files(entry: ModelEntry, *, cache: Cache | None = None, allow_unpinned: bool = False) -> dict[str, Path] | None:
+    """The local files of ``entry`` if all are cached, without any network request or hashing.
+
+    Args:
+        entry: The registry entry.
+        cache: The cache (default: ``HUBLOAD_CACHE``).
+        allow_unpinned: Also accept files of unpinned entries recorded by an earlier pull (offline use).
+
+    Returns:
+        File path → local path, or None when something is missing.
+    """
+    cache = cache or Cache()
+    ref = None
+    if not entry.pinned:
+        ref = cache.read_ref(entry.id)
+        if ref is None:
+            return None
+        if entry.scheme == "hf" and not allow_unpinned and not (entry.revision and len(entry.revision) == 40):
+            return None  # a branch may have moved: only an online resolve may answer (or offline mode)
+    commit = entry.revision if entry.scheme == "hf" else None
+    if ref is not None and entry.scheme == "hf":
+        commit = ref.get("commit") or commit
+    out: dict[str, Path] = {}
+    for spec in entry.files:
+        sha = _known_sha(entry, spec, ref)
+        if sha is None or not cache.has_blob(sha, spec.size):
+            return None
+        link = cache.snapshot_dir(entry.id, _snapshot_rev(entry, commit)) / spec.path
+        if not (link.is_symlink() or link.exists()):
+            link = cache.link(entry.id, _snapshot_rev(entry, commit), spec.path, sha)
+        out[spec.path] = link
+    return out
+
+
+def _import_local(entry: ModelEntry, rf: ResolvedFile, cache: Cache) -> Path:
+    """Copy a local source file into the cache, hashing while copying, then verify and publish."""
+    spec = rf.spec
+    base = entry.local_dir().resolve()
+    src = rf.local_path
+    assert src is not None
+    try:
+        real = src.resolve(strict=True)
+    except (FileNotFoundError, OSError):
+        raise ModelNotFoundError(f"model {entry.id!r}: file {spec.path!r} not found at {src}; check the registry's "
+                                 "source folder", model_id=entry.id) from None
+    if base != real and base not in real.parents:
+        raise CacheError(f"model {entry.id!r}: file {spec.path!r} resolves to {real}, outside its source folder {base} "
+                         "(a symlink escapes it); refusing to read it")
+    key = spec.sha256 or hashlib.sha256(str(real).encode()).hexdigest()
+    with cache.lock(key):
+        if spec.sha256 and cache.has_blob(spec.sha256, spec.size):
+            return cache.blob_path(spec.sha256)
+        tmp = cache.tmp_path(key)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(real, "rb") as fin, open(tmp, "wb") as fout:
+                while True:
+                    chunk = fin.read(_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    fout.write(chunk)
+                    size += len(chunk)
+            digest = h.hexdigest()
+            if spec.size is not None and size != spec.size:
+                raise HashMismatchError(f"model {entry.id!r} file {spec.path!r}: size {size} != registry size "
+                                        f"{spec.size} ({real}); the file changed — fix the registry or the file",
+                                        model_id=entry.id, path=str(real), expected=spec.sha256, actual=digest)
+            expected = spec.sha256 or spec.sha256_prefix or ""
+            if not digest.startswith(expected):
+                raise HashMismatchError(f"model {entry.id!r} file {spec.path!r}: sha256 {digest} does not match the "
+                                        f"registry's {expected} ({real}); the file changed — nothing was cached",
+                                        model_id=entry.id, path=str(real), expected=expected, actual=digest)
+            return cache.publish(tmp, digest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _fetch_one(entry: ModelEntry, rf: ResolvedFile, cache: Cache, *, offline: bool, progress: bool | None,
+               parallel: int) -> tuple[str, Path]:
+    """Fetch one resolved file into the cache; return (sha256, blob path)."""
+    from . import transfer
+
+    if rf.local_path is not None:
+        blob = _import_local(entry, rf, cache)
+        return blob.name, blob
+    if rf.sha256 and cache.has_blob(rf.sha256, rf.size):
+        return rf.sha256, cache.blob_path(rf.sha256)
+    if entry.scheme == "hf" and rf.sha256 and rf.revision:
+        reused = cache.reuse_from_hf_cache(entry.repo_id, rf.revision, rf.spec.path, rf.sha256, rf.size)
+        if reused is not None:
+            log.info("model %r file %r: reused from the Hugging Face cache", entry.id, rf.spec.path)
+            return rf.sha256, reused
+    assert rf.url is not None
+    blob = transfer.download(
+        rf.url, cache, sha256=rf.sha256, size=rf.size, sha256_prefix=rf.spec.sha256_prefix, headers=rf.headers,
+        auth_host=rf.auth_host, model_id=entry.id, file=rf.spec.path, offline=offline, progress=progress,
+        parallel=parallel,
+    )
+    return blob.name, blob
+
+
+def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool | None = None,
+               token: str | bool | None = None, progress: bool | None = None,
+               parallel: int | None = None) -> dict[str, Path]:
+    """Make every file of ``entry`` available locally, verified.
+
+    Args:
+        entry: A registry entry.
+        cache: The cache (default: ``HUBLOAD_CACHE`` or the user cache dir).
+        offline: Forbid network access (default: ``HUBLOAD_OFFLINE``/``HF_HUB_OFFLINE``).
+        token: Hub token for hf:// sources (default: ``HF_TOKEN`` or the saved login; False disables).
+        progress: Show tqdm progress on stderr (default: only on a TTY).
+        parallel: Concurrent connections (default: ``HUBLOAD_PARALLEL`` or 8).
+
+    Returns:
+        File path in the entry → local path (inside the cache's snapshot folder for the entry).
+
+    Raises:
+        OfflineError: a file is missing and the network may not be used.
+        HashMismatchError: downloaded bytes did not match; nothing was kept.
+        DownloadError, ModelNotFoundError: the transfer failed.
+    """
+    cache = cache or Cache()
+    offline = config.is_offline(offline)
+    hit = cached_files(entry, cache=cache, allow_unpinned=offline)
+    if hit is not None:
+        log.debug("model %r: cache hit, no network", entry.id)
+        return hit
+    if offline:
+        url = entry.source
+        raise OfflineError(f"model {entry.id!r} is not (fully) cached at {cache.root} and offline mode is on "
+                           "(HUBLOAD_OFFLINE/HF_HUB_OFFLINE); unset it and run `hubload pull "
+                           f"{entry.id}` once", url=url, model_id=entry.id)
+    tok = config.hf_token(token) if entry.scheme == "hf" else None
+    commit = None
+    if entry.scheme == "hf":
+        commit = resolve_hf_revision(entry, token=tok)
+    resolved = [resolve_file(entry, spec, token=tok, commit=commit) for spec in entry.files]
+    nconn = config.parallelism(parallel)
+    # Files of one entry move in parallel; a single large file may split into ranges inside the engine.
+    workers = min(len(resolved), nconn)
+    per_file = max(1, nconn // max(1, workers))
+    results: dict[str, tuple[str, Path]] = {}
+    if workers <= 1:
+        for rf in resolved:
+            results[rf.spec.path] = _fetch_one(entry, rf, cache, offline=offline, progress=progress, parallel=per_file)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hubload-pull") as pool:
+            futs = {rf.spec.path: pool.submit(_fetch_one, entry, rf, cache, offline=offline, progress=progress,
+                                              parallel=per_file) for rf in resolved}
+            for path, fut in futs.items():
+                results[path] = fut.result()
+    rev = _snapshot_rev(entry, commit)
+    out = {path: cache.link(entry.id, rev, path, sha) for path, (sha, _) in results.items()}
+    cache.write_ref(entry.id, {
+        "id": entry.id, "source": entry.source, "revision": entry.revision, "commit": commit,
+        "files": {path: {"sha256": sha, "size": blob.stat().st_size} for path, (sha, blob) in results.items()},
+        "pulled_at": time.time(),
+    })
+    return out
+
+
+def pull(model_id: str, *, registry: RegistryArg = None, cache_dir: str | os.PathLike[str] | None = None,
+         offline: bool | None = None, token: str | bool | None = None, progress: bool | None = None,
+         parallel: int | None = None) -> dict[str, Path]:
+    """Pull a registry model's weight files into the local cache, every byte verified.
+
+    Args:
+        model_id: A registry ID (see ``hubload list``).
+        registry: Extra registry (path, list of paths, mapping or Registry) looked up first.
+        cache_dir: Cache root (default: ``HUBLOAD_CACHE`` or the user cache dir).
+        offline: Forbid network access (default: ``HUBLOAD_OFFLINE``/``HF_HUB_OFFLINE``).
+        token: Hub token for hf:// sources (default: ``HF_TOKEN`` or the saved login).
+        progress: Show progress bars on stderr (default: only on a TTY).
+        parallel: Concurrent connections (default 8).
+
+    Returns:
+        File path in the entry → local path.
+    """
+    entry = load_registry(registry).get(model_id)
+    return pull_entry(entry, cache=Cache(cache_dir), offline=offline, token=token, progress=progress,
+                      parallel=parallel)
+
+
+def verify(model_ids: list[str] | None = None, *, registry: RegistryArg = None,
+           cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Re-hash cached files, evicting any that no longer match; see ``Cache.verify``."""
+    cache = Cache(cache_dir)
+    if not model_ids:
+        return list(cache.verify())
+    reg = load_registry(registry)
+    out: list[dict[str, Any]] = []
+    for mid in model_ids:
+        if mid not in reg and cache.read_ref(mid) is None:
+            reg.get(mid)  # raises ModelNotFoundError with suggestions
+        out.extend(cache.verify(mid))
+    return out
