@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import keras
 
-__all__ = ["keras_variable_paths"]
+__all__ = ["keras_variable_owners", "keras_variable_paths"]
 
 # Attributes of keras.layers.Layer that hold bookkeeping, never a user sublayer.
 _SKIP_ATTRS = frozenset({"_tracker", "_layers", "_trainable_variables", "_non_trainable_variables",
@@ -63,6 +63,11 @@ def _children(layer: Any) -> Iterator[tuple[str, Any]]:
 
 
 def keras_variable_paths(model: Any) -> dict[str, Any]:
+    """Map ``attr/path/leaf`` to each variable of a built Keras layer/model (see :func:`keras_variable_owners`)."""
+    return {path: var for path, (var, _) in keras_variable_owners(model).items()}
+
+
+def keras_variable_owners(model: Any) -> dict[str, tuple[Any, Any]]:
     """Map ``attr/path/leaf`` to each variable of a built Keras layer/model, each variable once.
 
     Leaf names are the Keras variable names (``kernel``, ``bias``, ``gamma``, ``moving_mean`` ...).
@@ -72,9 +77,10 @@ def keras_variable_paths(model: Any) -> dict[str, Any]:
         model: A built ``keras.layers.Layer`` (a ``keras.Model`` included).
 
     Returns:
-        Ordered dict from slash-separated path to ``keras.Variable``.
+        Ordered dict from slash-separated path to ``(keras.Variable, owning layer)``; the owner's class
+        tells layout rules apart that names alone cannot (a Keras 3 depthwise kernel is called ``kernel``).
     """
-    out: dict[str, Any] = {}
+    out: dict[str, tuple[Any, Any]] = {}
     seen_vars: set[int] = set()
     seen_layers: set[int] = set()
 
@@ -87,7 +93,7 @@ def keras_variable_paths(model: Any) -> dict[str, Any]:
                 continue
             seen_vars.add(id(var))
             leaf = var.name.rsplit("/", 1)[-1]
-            out[f"{prefix}{leaf}"] = var
+            out[f"{prefix}{leaf}"] = (var, layer)
         for seg, sub in _children(layer):
             walk(sub, f"{prefix}{seg}/")
 

@@ -818,7 +818,7 @@ def _torch_reader(path: pathlib.Path, key: str | None) -> Any:
     return TorchPickleReader(path, key=key)
 
 
-def _tf_reader(prefix: pathlib.Path) -> Any:
+def _tf_reader(prefix: pathlib.Path, key: str | None = None) -> Any:
     """Open a TF checkpoint via the TF adapter (imported only now)."""
     try:
         from hubload.adapters.tf import TFCheckpointReader
@@ -826,7 +826,7 @@ def _tf_reader(prefix: pathlib.Path) -> Any:
         if (getattr(exc, "name", None) or "").split(".")[0] in ("tensorflow", "keras", "h5py"):
             raise MissingDependencyError("reading a TF checkpoint", "tf", detail=str(prefix)) from exc
         raise
-    return TFCheckpointReader(prefix)
+    return TFCheckpointReader(prefix, key=key)
 
 
 def _tf_prefix_in_folder(folder: pathlib.Path) -> pathlib.Path | None:
@@ -899,7 +899,7 @@ def _open_folder(path: pathlib.Path, key: str | None) -> Any:
         return ShardedReader(path, shards)
     prefix = _tf_prefix_in_folder(path)
     if prefix is not None:
-        return _tf_reader(prefix)
+        return _tf_reader(prefix, key)
     candidates = [p for p in sorted(path.iterdir()) if p.is_file() and
                   (p.suffix in (".npz", ".h5", *_TORCH_SUFFIXES))]
     if len(candidates) == 1:
@@ -934,8 +934,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, format: str | None = None, 
             prefix = _tf_prefix_in_folder(p)
             if prefix is None:
                 raise CheckpointError(f"{p}: no TF checkpoint (no 'checkpoint' file or single *.index) here")
-            return _tf_reader(prefix)
-        return _tf_reader(p)
+            return _tf_reader(prefix, key)
+        return _tf_reader(p, key)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     if p.is_dir():
@@ -951,9 +951,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, format: str | None = None, 
         elif name.endswith((".h5", ".hdf5")):
             format = "keras-weights"
         elif name.endswith(".index") and pathlib.Path(str(p)[:-len(".index")] + ".data-00000-of-00001").exists():
-            return _tf_reader(pathlib.Path(str(p)[:-len(".index")]))
+            return _tf_reader(pathlib.Path(str(p)[:-len(".index")]), key)
         elif re.search(r"\.data-\d{5}-of-\d{5}$", name):
-            return _tf_reader(pathlib.Path(re.sub(r"\.data-\d{5}-of-\d{5}$", "", str(p))))
+            return _tf_reader(pathlib.Path(re.sub(r"\.data-\d{5}-of-\d{5}$", "", str(p))), key)
         elif name.endswith(_TORCH_SUFFIXES):
             format = "torch"
         else:

@@ -462,7 +462,7 @@ def test_torch_suffixes_go_to_the_torch_adapter(tmp_path, monkeypatch, name):
 
 def test_tf_checkpoint_prefix_detection(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(readers, "_tf_reader", lambda p: seen.append(p) or "tf-reader")
+    monkeypatch.setattr(readers, "_tf_reader", lambda p, key=None: seen.append(p) or "tf-reader")
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "ckpt-3.index").write_bytes(b"x")

@@ -1,0 +1,485 @@
+"""PyTorch adapter: read ``.pt`` pickles safely, describe a ``nn.Module``, load weights into it.
+
+Protocol (shared with :mod:`hubload.adapters.tf`, see :mod:`hubload.adapters`):
+
+* :func:`owns` – ``isinstance(model, torch.nn.Module)``.
+* :func:`spec` – ``state_dict()`` keys (parameters and persistent buffers) with canonical shapes and
+  dtypes; the canonical layout *is* the PyTorch one, so no transform is needed on this side. Works on
+  ``meta``-device models; no tensor data is touched.
+* :func:`apply` – copies exactly the report's matched tensors with ``load_state_dict(strict=False)``.
+  Every tensor is read, re-laid-out (checkpoint -> canonical transform from the report) and cast
+  *before* the first copy, so a bad tensor leaves the model untouched. A model on the ``meta`` device
+  is materialised with ``assign=True`` straight from the memory-mapped checkpoint (no second copy
+  when no transform or cast is needed).
+* :func:`build` – ``"package.module:callable"`` + config.
+* :func:`freeze` (extra, used by ``hubload.load(freeze=...)``) – ``requires_grad_(False)`` by name.
+
+:class:`TorchPickleReader` opens ``.pt``/``.pth``/``.bin`` files with
+``torch.load(weights_only=True, mmap=True)`` only: a file whose pickle needs any other global is
+refused (:class:`~hubload.errors.UnsafeCheckpointError`), never loaded "just this once".
+
+Importing this module imports torch; that is the opt-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hubload.adapters import ModelTensor, call_architecture
+from hubload.errors import (
+    CheckpointError,
+    HubloadError,
+    IncompatibleWeightsError,
+    RegistryError,
+    UnsafeCheckpointError,
+)
+from hubload.layout import Transform
+from hubload.readers import SafetensorsReader, ShardedReader, TensorInfo, canonical_dtype
+
+__all__ = [
+    "NESTED_STATE_DICT_KEYS",
+    "TorchPickleReader",
+    "apply",
+    "build",
+    "freeze",
+    "name",
+    "owns",
+    "relayout",
+    "spec",
+    "to_torch",
+]
+
+logger = logging.getLogger("hubload")
+
+name = "torch"
+
+# Where training scripts usually nest the weights (Lightning, plain scripts, DDP wrappers), in the
+# order they are tried when the top level is not itself a tensor dict.
+NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+
+def _safe_load(path: pathlib.Path) -> Any:
+    """``torch.load`` with weights_only (mmap when the file is a zip-format checkpoint)."""
+    use_mmap = zipfile.is_zipfile(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        except RuntimeError as exc:
+            if not use_mmap or "mmap" not in str(exc):
+                raise
+            # Legacy (pre-1.6, non-zip) serialisation cannot be memory-mapped; same safety without it.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        found = _GLOBAL_RE.search(msg)
+        what = f"the global {found.group(1)!r}" if found else "pickle content that weights_only forbids"
+        raise UnsafeCheckpointError(
+            f"{path}: refused: the pickle references {what}, so loading it could run arbitrary code. "
+            "Do not trust this file. Use a safetensors version of the weights, or convert this file "
+            "only in an isolated environment if you trust where it came from.") from exc
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such file") from exc
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
+                              "the file may be truncated or in another format — download it again") from exc
+
+
+def _tensor_count(obj: Any) -> int:
+    """Number of tensor values directly in a mapping (0 for anything else)."""
+    if not isinstance(obj, Mapping):
+        return 0
+    return sum(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _select(obj: Any, key: str | None, path: pathlib.Path) -> tuple[str | None, Mapping[str, Any]]:
+    """Pick the state dict inside a loaded checkpoint: (key used, mapping)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a dict of tensors; "
+                              "hubload loads state dicts (torch.save(model.state_dict(), ...))")
+    if key is not None:
+        current: Any = obj
+        for part in key.split("/"):
+            if not isinstance(current, Mapping) or part not in current:
+                have = sorted(str(k) for k in current) if isinstance(current, Mapping) else []
+                raise CheckpointError(f"{path}: no entry {part!r} for key={key!r}; top-level entries: {have}")
+            current = current[part]
+        if _tensor_count(current) == 0:
+            raise CheckpointError(f"{path}: entry {key!r} holds no tensors; choose another key=")
+        return key, current
+    if _tensor_count(obj):
+        return None, obj
+    for candidate in NESTED_STATE_DICT_KEYS:
+        inner = obj.get(candidate)
+        if _tensor_count(inner):
+            return candidate, inner
+        for deeper in NESTED_STATE_DICT_KEYS:  # {"model": {"state_dict": ...}}
+            if isinstance(inner, Mapping) and _tensor_count(inner.get(deeper)):
+                return f"{candidate}/{deeper}", inner[deeper]
+    raise CheckpointError(f"{path}: no tensors at the top level or under any of {list(NESTED_STATE_DICT_KEYS)}; "
+                          f"top-level entries: {sorted(str(k) for k in obj)}. Pass key=... to choose one")
+
+
+class TorchPickleReader:
+    """A PyTorch pickle checkpoint opened with ``weights_only=True`` and memory-mapped.
+
+    Args:
+        path: The ``.pt``/``.pth``/``.bin``/``.ckpt`` file.
+        key: Entry holding the state dict when the file stores a dict of things ("state_dict",
+            "model", nested as "model/state_dict"). Without it, the top level is used if it holds
+            tensors, else the first of :data:`NESTED_STATE_DICT_KEYS` that does.
+
+    Attributes:
+        path: The file.
+        format: "torch".
+        layout: "torch".
+        key: The nested key the tensors came from (None for a flat state dict).
+        skipped: Non-tensor entries of the state dict, left out.
+        other_entries: Top-level entries next to the chosen key ("epoch", "optimizer" ...).
+
+    Raises:
+        UnsafeCheckpointError: The pickle needs globals beyond tensors and containers.
+        CheckpointError: Unreadable file, or no dict of tensors in it.
+    """
+
+    format = "torch"
+    layout = "torch"
+
+    def __init__(self, path: str | os.PathLike[str], key: str | None = None) -> None:
+        self.path = pathlib.Path(path)
+        obj = _safe_load(self.path)
+        self.key, state = _select(obj, key, self.path)
+        if self.key is not None:
+            logger.info("%s: using the state dict under %r", self.path, self.key)
+        top = self.key.split("/")[0] if self.key else None
+        self.other_entries = sorted(str(k) for k in obj if k != top) if self.key else []
+        self._tensors: dict[str, torch.Tensor] | None = {}
+        self.skipped: list[str] = []
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                self._tensors[str(k)] = v
+            else:
+                self.skipped.append(str(k))
+        if self.skipped:
+            logger.info("%s: skipped %d non-tensor entries (%s)", self.path, len(self.skipped),
+                        ", ".join(self.skipped[:5]))
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        """The tensor dict, or an error once closed."""
+        if self._tensors is None:
+            raise CheckpointError(f"{self.path}: reader is closed")
+        return self._tensors
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names, shapes and dtypes from the tensors' metadata (no data pages touched)."""
+        return {k: TensorInfo(k, tuple(t.shape), canonical_dtype(t.dtype), t.numel() * t.element_size())
+                for k, t in self._live().items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        """Return one tensor (CPU, backed by the memory-mapped file; copy-on-write, never written back).
+
+        Raises:
+            CheckpointError: No such tensor, or the reader is closed.
+        """
+        tensors = self._live()
+        if name not in tensors:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r} in this PyTorch checkpoint "
+                                  f"({len(tensors)} tensors)")
+        return tensors[name]
+
+    def close(self) -> None:
+        """Drop the references (tensors already handed out stay valid)."""
+        self._tensors = None
+
+    def __enter__(self) -> TorchPickleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._live()
+
+    def __len__(self) -> int:
+        return len(self._live())
+
+    def __repr__(self) -> str:
+        return f"<TorchPickleReader {str(self.path)!r} key={self.key!r}>"
+
+
+# ----------------------------------------------------------------------------------- tensor conversion
+
+
+class _FileStorages:
+    """Copy-on-write memory maps of safetensors files, one per file, shared by its tensors."""
+
+    def __init__(self) -> None:
+        self._maps: dict[pathlib.Path, torch.UntypedStorage] = {}
+
+    def get(self, path: pathlib.Path) -> torch.UntypedStorage:
+        """The (private, copy-on-write) mapping of ``path``."""
+        if path not in self._maps:
+            # shared=False maps the file MAP_PRIVATE, as torch.load(mmap=True) does: zero copy until written.
+            self._maps[path] = torch.UntypedStorage.from_file(str(path), shared=False,
+                                                              nbytes=os.path.getsize(path))
+        return self._maps[path]
+
+
+def _torch_dtype(dtype_name: str) -> torch.dtype:
+    """torch dtype for a canonical dtype name."""
+    dt = getattr(torch, dtype_name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CheckpointError(f"dtype {dtype_name!r} has no PyTorch equivalent")
+    return dt
+
+
+def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages) -> torch.Tensor | None:
+    """Zero-copy tensor from a safetensors file behind ``reader``, or None if it is not one."""
+    if isinstance(reader, ShardedReader):
+        return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages)
+    if not isinstance(reader, SafetensorsReader):
+        return None
+    info = reader.header.tensors.get(tensor_name)
+    if info is None:
+        return None
+    dtype = _torch_dtype(info.dtype)
+    begin, end = reader.header.offsets[tensor_name]
+    start = reader.header.data_start + begin
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if end == begin:
+        return torch.zeros(info.shape, dtype=dtype)
+    whole = storages.get(reader.path)
+    if start % itemsize:  # unaligned data (non-standard writer): take a copy of just this tensor
+        raw = torch.empty(0, dtype=torch.uint8).set_(whole)[start:start + (end - begin)].clone()
+        return raw.view(dtype).reshape(info.shape)
+    return torch.empty(0, dtype=dtype).set_(whole, start // itemsize, info.shape)
+
+
+def _from_numpy(array: Any) -> tuple[torch.Tensor, bool]:
+    """torch view of a numpy array: (tensor, True if the memory is read-only)."""
+    import numpy as np
+
+    array = np.asarray(array)
+    readonly = not array.flags.writeable
+    dtype_name = canonical_dtype(array.dtype)
+    if not array.flags.c_contiguous and not array.flags.f_contiguous:
+        array, readonly = np.ascontiguousarray(array), False
+    if array.dtype.kind == "V" or dtype_name in ("bfloat16",) or dtype_name.startswith("float8"):
+        # ml_dtypes types are unknown to torch.from_numpy: reinterpret the bytes.
+        raw = array.view(f"uint{8 * array.dtype.itemsize}")
+        out, ro = _from_numpy(raw)
+        return out.view(_torch_dtype(dtype_name)), ro
+    with warnings.catch_warnings():
+        # from_numpy warns on read-only memory; callers only read it, or clone it first (see apply).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array), readonly
+
+
+def to_torch(reader: Any, tensor_name: str, *, _storages: _FileStorages | None = None) -> tuple[torch.Tensor, bool]:
+    """Read one checkpoint tensor as a CPU ``torch.Tensor``, without copying where possible.
+
+    Args:
+        reader: A :class:`~hubload.readers.CheckpointReader`.
+        tensor_name: The tensor's native name in the checkpoint.
+
+    Returns:
+        ``(tensor, readonly)``: ``readonly`` is True when the tensor shares read-only memory (a
+        numpy memory map) and must be cloned before a model may own it.
+    """
+    storages = _storages or _FileStorages()
+    t = _from_safetensors(reader, tensor_name, storages)
+    if t is not None:
+        return t, False
+    data = reader.get(tensor_name)
+    if isinstance(data, torch.Tensor):
+        return data, False
+    return _from_numpy(data)
+
+
+def relayout(tensor: torch.Tensor, transform: Transform | None) -> torch.Tensor:
+    """Apply a :class:`~hubload.layout.Transform` to a torch tensor (views; no copy by itself).
+
+    Raises:
+        ValueError: The tensor's shape does not fit the transform.
+    """
+    if transform is None:
+        return tensor
+    if transform.in_shape is not None and tuple(tensor.shape) != tuple(transform.in_shape):
+        raise ValueError(f"transform built for shape {list(transform.in_shape)} got {list(tensor.shape)}")
+    if transform.pre_reshape is not None:
+        tensor = tensor.reshape(transform.pre_reshape)
+    if transform.perm is not None:
+        if len(transform.perm) != tensor.dim():
+            raise ValueError(f"perm {transform.perm} does not fit rank-{tensor.dim()} shape {list(tensor.shape)}")
+        tensor = tensor.permute(transform.perm)
+    if transform.reshape is not None:
+        tensor = tensor.reshape(transform.reshape)
+    return tensor
+
+
+# -------------------------------------------------------------------------------------------- protocol
+
+
+def owns(model: Any) -> bool:
+    """True for a ``torch.nn.Module``."""
+    return isinstance(model, torch.nn.Module)
+
+
+def spec(model: torch.nn.Module) -> dict[str, ModelTensor]:
+    """The model's ``state_dict`` entries as canonical tensor specs (no data copied).
+
+    Args:
+        model: A ``torch.nn.Module`` (on any device, ``meta`` included).
+
+    Returns:
+        state_dict key -> :class:`~hubload.adapters.ModelTensor` (handle: the Parameter/buffer).
+    """
+    out: dict[str, ModelTensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor):  # skip get_extra_state() payloads
+            out[key] = ModelTensor(key, tuple(value.shape), canonical_dtype(value.dtype), key, None, None, value)
+    return out
+
+
+def _target_dtype(policy: Any, model_dtype: torch.dtype, ckpt_dtype: torch.dtype) -> torch.dtype:
+    """dtype a checkpoint tensor is cast to under ``dtype_policy``."""
+    if policy == "model":
+        return model_dtype
+    if policy == "checkpoint":
+        return ckpt_dtype
+    wanted = policy if isinstance(policy, torch.dtype) else _torch_dtype(canonical_dtype(policy))
+    # An explicit dtype applies to floating-point tensors; integer buffers keep the model's dtype.
+    return wanted if model_dtype.is_floating_point else model_dtype
+
+
+def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any = "model",
+          device: Any = None) -> None:
+    """Copy the report's matched tensors from ``reader`` into ``model``, all or nothing.
+
+    Every matched tensor is read, re-laid-out with the report's checkpoint -> canonical transform,
+    shape-checked and cast before ``load_state_dict`` runs, so any problem leaves the model as it was.
+
+    Args:
+        model: The target module.
+        report: A :class:`~hubload.compat.CompatReport` from ``check(..., spec(model))``; it must allow
+            loading (:meth:`~hubload.compat.CompatReport.raise_if_incompatible` is called first).
+        reader: The checkpoint reader the report was computed from.
+        dtype_policy: "model" (cast to each model tensor's dtype), "checkpoint" (keep the stored
+            dtypes; the model's tensors are replaced) or a dtype ("float16", ``torch.bfloat16``) for
+            floating-point tensors.
+        device: For a model on the ``meta`` device: where the materialised tensors go (default CPU,
+            backed by the memory-mapped file). Models with real tensors keep their devices.
+
+    Raises:
+        IncompatibleWeightsError: The report forbids loading, a tensor does not fit its model
+            tensor, or ``load_state_dict`` disagreed with the report (carries the report).
+        CheckpointError: A tensor cannot be read.
+    """
+    report.raise_if_incompatible()
+    model_sd = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    on_meta = any(v.is_meta for v in model_sd.values())
+    assign = on_meta or dtype_policy != "model"
+    storages = _FileStorages()
+
+    converted: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for m in report.matched:
+        target = model_sd.get(m.key)
+        if target is None:
+            problems.append(f"{m.key}: the model has no such state_dict entry")
+            continue
+        try:
+            t, readonly = to_torch(reader, m.source, _storages=storages)
+            t = relayout(t, m.transform)
+        except ValueError as exc:
+            problems.append(f"{m.key} (checkpoint {m.source!r}): {exc}")
+            continue
+        if tuple(t.shape) != tuple(target.shape):
+            problems.append(f"{m.key}: checkpoint tensor {m.source!r} has shape {list(t.shape)}, "
+                            f"the model expects {list(target.shape)}")
+            continue
+        dtype = _target_dtype(dtype_policy, target.dtype, t.dtype)
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        elif assign and readonly:
+            t = t.clone()  # the model will own it; read-only mmap pages must not back a parameter
+        if assign:
+            t = t.contiguous()  # no-op (no copy) for untransformed tensors
+            dev = device if on_meta else target.device
+            if dev is not None:
+                t = t.to(dev)
+        converted[m.key] = t
+    if problems:
+        raise IncompatibleWeightsError(
+            f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "
+            f"{type(model).__name__}; nothing was copied:\n  " + "\n  ".join(problems), report=report)
+
+    result = model.load_state_dict(converted, strict=False, assign=assign)
+    expected_missing = set(model_sd) - set(converted)
+    if set(result.missing_keys) != expected_missing or result.unexpected_keys:
+        raise IncompatibleWeightsError(
+            f"load_state_dict into {type(model).__name__} disagreed with the compat report: missing "
+            f"{sorted(set(result.missing_keys) ^ expected_missing)}, unexpected {list(result.unexpected_keys)}",
+            report=report)
+    if on_meta:
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            logger.warning("%s: %d tensors are still on the meta device (not in the checkpoint): %s; "
+                           "initialise them before use", type(model).__name__, len(left), ", ".join(left[:5]))
+    logger.info("loaded %d tensors into %s", len(converted), type(model).__name__)
+
+
+def freeze(model: torch.nn.Module, names: list[str]) -> None:
+    """Stop gradients for the named parameters (``requires_grad_(False)``).
+
+    Args:
+        model: The module.
+        names: state_dict keys (as in :func:`spec` and the report); buffers among them are skipped,
+            they are never trained.
+
+    Raises:
+        HubloadError: A name is neither a parameter nor a buffer of the model.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    unknown = [n for n in names if n not in params and n not in buffers]
+    if unknown:
+        raise HubloadError(f"{type(model).__name__}: cannot freeze {unknown[:5]}: no such parameter")
+    for n in names:
+        if n in params:
+            params[n].requires_grad_(False)
+
+
+def build(architecture: str, config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Instantiate a PyTorch model from ``"package.module:callable"`` and keyword ``config``.
+
+    Args:
+        architecture: Import path of a class or factory, e.g. ``"hubload.adapters.zoo_torch:mlp"``.
+        config: Keyword arguments for it.
+
+    Returns:
+        The ``nn.Module``.
+
+    Raises:
+        RegistryError: Bad module/callable/config, or the callable did not return an ``nn.Module``.
+        MissingDependencyError: The module needs a framework that is not installed.
+    """
+    model = call_architecture(architecture, config)
+    if not isinstance(model, torch.nn.Module):
+        raise RegistryError(f"architecture {architecture!r} returned a {type(model).__name__}, not a "
+                            "torch.nn.Module; point it at a PyTorch model class or factory", field="architecture")
+    return model
