@@ -1,0 +1,146 @@
+"""``hubload convert``: re-lay a checkpoint out for the other convention and write it as safetensors.
+
+torch → keras needs to know what each canonical ``weight`` is (a Dense/Conv kernel, a norm's gamma, an
+embedding table); a checkpoint alone does not say, so the rank and the name decide (documented in
+:func:`keras_leaf_hint`) and every decision is listed in the returned summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, HubloadError
+from .registry import RegistryArg
+
+__all__ = ["convert", "keras_leaf_hint", "to_numpy", "write_safetensors"]
+
+log = logging.getLogger("hubload")
+
+
+def keras_leaf_hint(name: str, ndim: int) -> str | None:
+    """The Keras leaf a canonical tensor becomes: ``weight`` of rank 1 → gamma, rank 2 → kernel (or
+    ``embeddings`` when the module name mentions embed), rank ≥ 3 → conv kernel; None drops it."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "weight":
+        if ndim == 1:
+            return "gamma"
+        if ndim == 2 and "embed" in name.rsplit(".", 1)[0].lower():
+            return "embeddings"
+        return "kernel"
+    if leaf == "num_batches_tracked":
+        return None  # a torch BatchNorm counter with no Keras counterpart
+    return {"bias": "bias", "running_mean": "moving_mean", "running_var": "moving_variance"}.get(leaf, leaf)
+
+
+def to_numpy(data: Any) -> Any:
+    """A numpy array from a reader's tensor (numpy already, or a torch tensor incl. bfloat16)."""
+    import numpy as np
+
+    if isinstance(data, np.ndarray):
+        return data
+    if type(data).__module__.startswith("torch"):
+        import torch
+
+        t = data.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(data)
+
+
+def write_safetensors(path: str | os.PathLike[str], arrays: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> int:
+    """Write numpy arrays as a safetensors file (atomically); returns the file size."""
+    import numpy as np
+
+    from .readers import SAFETENSORS_DTYPES, canonical_dtype
+
+    tag_of = {name: tag for tag, (name, _) in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    blobs = []
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        dname = canonical_dtype(arr.dtype)
+        if dname not in tag_of:
+            raise CheckpointError(f"{name}: dtype {dname} cannot be stored in safetensors")
+        header[name] = {"dtype": tag_of[dname], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        blobs.append(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for arr in blobs:
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    os.replace(tmp, out)
+    return out.stat().st_size
+
+
+def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLike[str],
+            registry: RegistryArg = None, key: str | None = None, from_layout: str | None = None,
+            rename: Sequence[Any] = (), offline: bool | None = None) -> dict[str, Any]:
+    """Rewrite a checkpoint in the ``torch`` or ``keras`` tensor convention as one safetensors file.
+
+    Args:
+        source: Anything :func:`hubload.load` accepts as a weights source.
+        layout: Target convention: ``torch`` (canonical state_dict names/shapes) or ``keras``.
+        out: Output ``.safetensors`` path.
+        registry: Extra registry layer(s) for IDs.
+        key: Nested state-dict key for pickles.
+        from_layout: Override the source's convention.
+        rename: Extra rename rules for the source's names.
+        offline: Use the cache only.
+
+    Returns:
+        A summary: tensors written, bytes, and the tensors dropped with the reason.
+    """
+    if layout not in ("torch", "keras"):
+        raise HubloadError(f"layout must be 'torch' or 'keras', got {layout!r}")
+    from dataclasses import replace
+
+    from .cache import Cache
+    from .layout import apply_transform, from_canonical, to_canonical
+    from .readers import open_checkpoint
+    from .resolve import fetch_artifact, resolve_source
+
+    art = resolve_source(source, registry=registry)
+    if key is not None:
+        art = replace(art, key=key)
+    art = fetch_artifact(art, cache=Cache(), offline=offline)
+    fmt = art.format if art.format not in (None, "savedmodel", "keras") else None
+    arrays: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    with open_checkpoint(art.path, format=fmt, key=art.key) as reader:
+        canon = to_canonical(reader.tensors(), from_layout or art.layout or reader.layout,
+                             rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
+        targets: dict[str, tuple[str, Any]] = {}
+        if layout == "torch":
+            targets = {name: (name, None) for name in canon}
+        else:
+            hints = {}
+            for name, ct in canon.items():
+                hint = keras_leaf_hint(name, len(ct.shape))
+                if hint is None:
+                    dropped[name] = "no Keras counterpart"
+                else:
+                    hints[name] = hint
+            kept = {n: ct for n, ct in canon.items() if n in hints}
+            targets = {n: (path, tr) for n, (path, tr, _) in from_canonical(kept, hints).items()}
+        for name, (target, to_target) in targets.items():
+            ct = canon[name]
+            arr = apply_transform(to_numpy(reader.get(ct.source)), ct.transform)
+            arrays[target] = apply_transform(arr, to_target)
+    size = write_safetensors(out, arrays, {"format": "pt" if layout == "torch" else "keras",
+                                           "hubload_layout": layout, "converted_from": art.label})
+    return {"out": str(out), "layout": layout, "tensors": len(arrays), "bytes": size, "dropped": dropped}

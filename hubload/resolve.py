@@ -1,0 +1,226 @@
+"""What a ``source`` argument names, and how to get its checkpoint: registry IDs, URLs and local paths.
+
+``hubload.load``/``check``/``inspect`` accept one string for all of these; this module decides which it is
+(refusing ambiguous names rather than guessing), pulls remote files through the verified cache, and reads a
+remote safetensors header with HTTP Range requests so a compatibility check can run before any download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import config
+from .cache import Cache
+from .errors import CheckpointError, HubloadError, ModelNotFoundError
+from .registry import FileSpec, ModelEntry, RegistryArg, _infer_format, check_relative_path, load_registry
+from .sources import resolve_file, resolve_hf_revision
+
+__all__ = ["Artifact", "fetch_artifact", "remote_safetensors_header", "resolve_source"]
+
+log = logging.getLogger("hubload")
+
+_HF_URL = re.compile(r"^hf://(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w.-]*?)(?:@(?P<rev>[\w./-]+?))?"
+                     r"/(?P<file>.+)$")
+# How much of a remote safetensors file to ask for first: most headers fit, so one request usually does.
+_HEADER_GUESS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A checkpoint named by a ``source`` argument.
+
+    Attributes:
+        label: How messages name it (model ID, URL or path).
+        entry: The registry (or ad-hoc) entry for remote sources and registry IDs, else None.
+        path: The local file/folder/prefix, once known (local sources, or after ``fetch_artifact``).
+        format: Checkpoint format (``safetensors``, ``torch`` ...), or None to detect from the file.
+        layout: ``torch`` or ``keras``, or None to take the reader's guess.
+        rename: Rename rules (registry's first, then the caller's).
+        ignore: Checkpoint tensors to ignore (globs), with the registry's reason.
+        head: Classification-head globs declared by the registry entry.
+        key: Nested state-dict key for pickles.
+    """
+
+    label: str
+    entry: ModelEntry | None = None
+    path: Path | None = None
+    format: str | None = None
+    layout: str | None = None
+    rename: tuple[Any, ...] = ()
+    ignore: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
+    key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _adhoc_entry(label: str, source: str, files: tuple[FileSpec, ...], revision: str | None = None) -> ModelEntry:
+    """An unregistered entry for a URL source (verified by the Hub's hash, or hashed and recorded)."""
+    fmt = _infer_format(files) or "safetensors"
+    return ModelEntry(id=label, source=source, files=files, format=fmt, revision=revision)
+
+
+def _from_entry(entry: ModelEntry) -> Artifact:
+    """An Artifact for a registry entry."""
+    return Artifact(label=entry.id, entry=entry, format=entry.format, layout=entry.layout,
+                    rename=tuple(entry.rename), ignore=tuple(entry.ignore), head=tuple(entry.head), key=entry.key)
+
+
+def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = None,
+                   sha256: str | None = None) -> Artifact:
+    """Decide what ``source`` names.
+
+    Args:
+        source: A registry ID, ``hf://org/name[@revision]/file``, an ``https://``/``http://`` URL, a
+            ``file://`` URL or a local path (file, sharded folder, TF checkpoint prefix or folder).
+        registry: Extra registry layer(s) for IDs.
+        sha256: Expected digest for a bare URL (registry entries carry their own).
+
+    Returns:
+        An Artifact; remote ones still need :func:`fetch_artifact`.
+
+    Raises:
+        ModelNotFoundError: Not an ID, URL or existing path (close IDs are suggested).
+        HubloadError: The name is both a registry ID and a local path.
+    """
+    if isinstance(source, os.PathLike):
+        return Artifact(label=str(source), path=Path(source))
+    if not isinstance(source, str) or not source:
+        raise ModelNotFoundError(f"source must be a registry ID, URL or path, got {source!r}")
+    if source.startswith("hf://"):
+        m = _HF_URL.match(source)
+        if not m:
+            raise ModelNotFoundError(f"{source!r} is not hf://org/name[@revision]/file (e.g. "
+                                     "hf://sentence-transformers/all-MiniLM-L6-v2/model.safetensors)")
+        repo, rev, file = f"{m['org']}/{m['name']}", m["rev"], m["file"]
+        try:
+            check_relative_path(file)
+        except ValueError as exc:
+            raise ModelNotFoundError(f"{source!r}: bad file path: {exc}") from None
+        spec = FileSpec(path=file, sha256=sha256)
+        return _from_entry(_adhoc_entry(source, f"hf://{repo}", (spec,), revision=rev or "main"))
+    if source.startswith(("https://", "http://")):
+        base, _, name = source.rpartition("/")
+        if not name:
+            raise ModelNotFoundError(f"{source!r} names a folder; give the URL of a checkpoint file")
+        from urllib.parse import unquote
+
+        spec = FileSpec(path=unquote(name.split("?")[0]), sha256=sha256)
+        return _from_entry(_adhoc_entry(source, base + "/", (spec,)))
+    if source.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        return Artifact(label=source, path=Path(unquote(urlsplit(source).path)))
+    if "://" in source:
+        raise ModelNotFoundError(f"{source!r}: unsupported scheme; use a registry ID, hf://, https://, http://, "
+                                 "file:// or a local path")
+
+    local = Path(source).expanduser()
+    looks_like_path = source.startswith((".", "/", "~")) or os.sep in source or local.suffix != ""
+    exists = local.exists() or Path(str(local) + ".index").exists()
+    reg = load_registry(registry)
+    if source in reg:
+        if exists and not source.startswith((".", "/", "~")):
+            raise HubloadError(f"{source!r} is both a registry ID and a local path; say which: "
+                               f"'./{source}' for the path, or remove/rename the file")
+        return _from_entry(reg.get(source))
+    if exists:
+        return Artifact(label=source, path=local)
+    if looks_like_path:
+        raise ModelNotFoundError(f"{source!r}: no such file or folder (and not a registry ID)")
+    reg.get(source)  # raises ModelNotFoundError with suggestions
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _local_checkpoint(entry: ModelEntry, files: dict[str, Path]) -> Path:
+    """The path a reader should open for an entry's local files."""
+    if len(files) == 1:
+        return next(iter(files.values()))
+    index = [p for name, p in files.items() if name.endswith(".index.json")]
+    if index:
+        return index[0]
+    if entry.format == "tf-checkpoint":
+        idx = [p for name, p in files.items() if name.endswith(".index")]
+        if idx:
+            return idx[0].with_suffix("")
+    # several files in one snapshot folder: the reader opens the folder (sharded safetensors)
+    return next(iter(files.values())).parent
+
+
+def _expand_sharded(entry: ModelEntry, index_path: Path) -> ModelEntry:
+    """An ad-hoc entry that also lists the shards named by a pulled ``*.index.json``."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{entry.id}: {index_path.name} is not a safetensors index: {exc}") from None
+    folder = entry.files[0].path.rpartition("/")[0]
+    shards = sorted(set(weight_map.values()))
+    extra = tuple(FileSpec(path=f"{folder}/{s}" if folder else s) for s in shards)
+    for f in extra:
+        check_relative_path(f.path)
+    return replace(entry, files=entry.files + extra)
+
+
+def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool | None = None,
+                   token: str | bool | None = None, progress: bool | None = None) -> Artifact:
+    """Pull a remote/registry artifact through the verified cache; local ones are returned as they are.
+
+    Returns:
+        The Artifact with ``path`` set to what a checkpoint reader should open.
+    """
+    if art.entry is None:
+        if art.path is None or not (art.path.exists() or Path(str(art.path) + ".index").exists()):
+            raise ModelNotFoundError(f"{art.label}: no such file or folder")
+        return art
+    from .pull import pull_entry
+
+    cache = cache or Cache()
+    entry = art.entry
+    files = pull_entry(entry, cache=cache, offline=offline, token=token, progress=progress)
+    if entry.registry_file is None and len(entry.files) == 1 and entry.files[0].path.endswith(".index.json"):
+        entry = _expand_sharded(entry, files[entry.files[0].path])
+        files = pull_entry(entry, cache=cache, offline=offline, token=token, progress=progress)
+    return replace(art, entry=entry, path=_local_checkpoint(entry, files))
+
+
+def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offline: bool | None = None,
+                              token: str | bool | None = None) -> tuple[dict[str, Any], int] | None:
+    """Read the tensor table of an uncached, remote, single-file safetensors artifact with Range requests.
+
+    Returns:
+        (name → TensorInfo, bytes transferred), or None when a pre-check does not apply (cached already,
+        local, not safetensors, several files, offline).
+    """
+    entry = art.entry
+    if entry is None or entry.scheme == "file" or entry.format != "safetensors" or len(entry.files) != 1:
+        return None
+    spec = entry.files[0]
+    if not spec.path.endswith(".safetensors") or config.is_offline(offline):
+        return None
+    from .pull import cached_files
+
+    if cached_files(entry, cache=cache or Cache()) is not None:
+        return None
+    from . import transfer
+    from .readers import parse_safetensors_header, safetensors_header_length
+
+    tok = config.hf_token(token) if entry.scheme == "hf" else None
+    commit = resolve_hf_revision(entry, token=tok) if entry.scheme == "hf" else None
+    rf = resolve_file(entry, spec, token=tok, commit=commit)
+    if rf.url is None:
+        return None
+    kw = dict(headers=rf.headers, auth_host=rf.auth_host, model_id=entry.id, file=spec.path)
+    first = transfer.fetch_range(rf.url, 0, _HEADER_GUESS, **kw)
+    if len(first) < 8:
+        raise CheckpointError(f"{entry.id}: {spec.path} at {rf.url} is shorter than a safetensors header")
+    n = safetensors_header_length(first[:8], file_size=rf.size, source=rf.url)
+    if 8 + n > len(first):
+        first += transfer.fetch_range(rf.url, len(first), 8 + n, **kw)
+    header = parse_safetensors_header(first[:8], first[8:8 + n], file_size=rf.size, source=rf.url)
+    return header.tensors, len(first)
+
