@@ -13,13 +13,16 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config
 from .cache import Cache
-from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineError
+from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineError, RegistryError
 from .registry import FileSpec, ModelEntry, RegistryArg, load_registry
 from .sources import ResolvedFile, resolve_file, resolve_hf_revision
+
+if TYPE_CHECKING:  # transfer imports requests: keep `import hubload.pull` light
+    from .transfer import RetryPolicy
 
 __all__ = ["cached_files", "pull", "pull_entry", "verify"]
 
@@ -99,8 +102,9 @@ def _import_local(entry: ModelEntry, rf: ResolvedFile, cache: Cache) -> Path:
         raise ModelNotFoundError(f"model {entry.id!r}: file {spec.path!r} not found at {src}; check the registry's "
                                  "source folder", model_id=entry.id) from None
     if base != real and base not in real.parents:
-        raise CacheError(f"model {entry.id!r}: file {spec.path!r} resolves to {real}, outside its source folder {base} "
-                         "(a symlink escapes it); refusing to read it")
+        raise RegistryError(f"file {spec.path!r} resolves to {real}, outside the source folder {base} (a symlink "
+                            "escapes it); refusing to read it — copy the file into the folder instead",
+                            file=entry.registry_file, entry=entry.id, field="files")
     key = spec.sha256 or hashlib.sha256(str(real).encode()).hexdigest()
     with cache.lock(key):
         if spec.sha256 and cache.has_blob(spec.sha256, spec.size):
@@ -134,7 +138,8 @@ def _import_local(entry: ModelEntry, rf: ResolvedFile, cache: Cache) -> Path:
 
 
 def _fetch_one(entry: ModelEntry, rf: ResolvedFile, cache: Cache, *, offline: bool, progress: bool | None,
-               parallel: int) -> tuple[str, Path]:
+               parallel: int, timeout: float | tuple[float, float] | None,
+               retries: RetryPolicy | None) -> tuple[str, Path]:
     """Fetch one resolved file into the cache; return (sha256, blob path)."""
     from . import transfer
 
@@ -149,17 +154,23 @@ def _fetch_one(entry: ModelEntry, rf: ResolvedFile, cache: Cache, *, offline: bo
             log.info("model %r file %r: reused from the Hugging Face cache", entry.id, rf.spec.path)
             return rf.sha256, reused
     assert rf.url is not None
+    extra: dict[str, Any] = {}
+    if timeout is not None:
+        extra["timeout"] = timeout
+    if retries is not None:
+        extra["retries"] = retries
     blob = transfer.download(
         rf.url, cache, sha256=rf.sha256, size=rf.size, sha256_prefix=rf.spec.sha256_prefix, headers=rf.headers,
         auth_host=rf.auth_host, model_id=entry.id, file=rf.spec.path, offline=offline, progress=progress,
-        parallel=parallel,
+        parallel=parallel, **extra,
     )
     return blob.name, blob
 
 
 def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool | None = None,
                token: str | bool | None = None, progress: bool | None = None,
-               parallel: int | None = None) -> dict[str, Path]:
+               parallel: int | None = None, timeout: float | tuple[float, float] | None = None,
+               retries: RetryPolicy | None = None) -> dict[str, Path]:
     """Make every file of ``entry`` available locally, verified.
 
     Args:
@@ -169,6 +180,8 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
         token: Hub token for hf:// sources (default: ``HF_TOKEN`` or the saved login; False disables).
         progress: Show tqdm progress on stderr (default: only on a TTY).
         parallel: Concurrent connections (default: ``HUBLOAD_PARALLEL`` or 8).
+        timeout: ``(connect, read)`` seconds per request (default: the transfer engine's, 10 and 60).
+        retries: A ``hubload.transfer.RetryPolicy`` (default: 5 attempts, exponential backoff).
 
     Returns:
         File path in the entry → local path (inside the cache's snapshot folder for the entry).
@@ -183,8 +196,18 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
     hit = cached_files(entry, cache=cache, allow_unpinned=offline)
     if hit is not None:
         log.debug("model %r: cache hit, no network", entry.id)
+        if entry.pinned and cache.read_ref(entry.id) is None:
+            # The blobs came from another ID with the same files: record this ID too, so `cache ls` shows it
+            # and `cache rm` of the other ID does not delete blobs this one still uses. A read-only shared
+            # cache still serves the hit.
+            shas = {spec.path: spec.sha256 for spec in entry.files if spec.sha256}
+            try:
+                _write_ref(entry, cache, entry.revision if entry.scheme == "hf" else None,
+                           {path: (sha, cache.blob_path(sha)) for path, sha in shas.items()})
+            except CacheError as exc:
+                log.debug("model %r: could not record the index (%s)", entry.id, exc)
         return hit
-    if offline:
+    if offline and entry.scheme != "file":  # local sources need no network
         url = entry.source
         raise OfflineError(f"model {entry.id!r} is not (fully) cached at {cache.root} and offline mode is on "
                            "(HUBLOAD_OFFLINE/HF_HUB_OFFLINE); unset it and run `hubload pull "
@@ -201,26 +224,34 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
     results: dict[str, tuple[str, Path]] = {}
     if workers <= 1:
         for rf in resolved:
-            results[rf.spec.path] = _fetch_one(entry, rf, cache, offline=offline, progress=progress, parallel=per_file)
+            results[rf.spec.path] = _fetch_one(entry, rf, cache, offline=offline, progress=progress,
+                                               parallel=per_file, timeout=timeout, retries=retries)
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hubload-pull") as pool:
             futs = {rf.spec.path: pool.submit(_fetch_one, entry, rf, cache, offline=offline, progress=progress,
-                                              parallel=per_file) for rf in resolved}
+                                              parallel=per_file, timeout=timeout, retries=retries)
+                    for rf in resolved}
             for path, fut in futs.items():
                 results[path] = fut.result()
     rev = _snapshot_rev(entry, commit)
     out = {path: cache.link(entry.id, rev, path, sha) for path, (sha, _) in results.items()}
+    _write_ref(entry, cache, commit, results)
+    return out
+
+
+def _write_ref(entry: ModelEntry, cache: Cache, commit: str | None, results: Mapping[str, tuple[str, Path]]) -> None:
+    """Record what was pulled (the index `cache ls/rm/prune` and unpinned warm hits read)."""
     cache.write_ref(entry.id, {
         "id": entry.id, "source": entry.source, "revision": entry.revision, "commit": commit,
         "files": {path: {"sha256": sha, "size": blob.stat().st_size} for path, (sha, blob) in results.items()},
         "pulled_at": time.time(),
     })
-    return out
 
 
 def pull(model_id: str, *, registry: RegistryArg = None, cache_dir: str | os.PathLike[str] | None = None,
          offline: bool | None = None, token: str | bool | None = None, progress: bool | None = None,
-         parallel: int | None = None) -> dict[str, Path]:
+         parallel: int | None = None, timeout: float | tuple[float, float] | None = None,
+         retries: RetryPolicy | None = None) -> dict[str, Path]:
     """Pull a registry model's weight files into the local cache, every byte verified.
 
     Args:
@@ -231,13 +262,21 @@ def pull(model_id: str, *, registry: RegistryArg = None, cache_dir: str | os.Pat
         token: Hub token for hf:// sources (default: ``HF_TOKEN`` or the saved login).
         progress: Show progress bars on stderr (default: only on a TTY).
         parallel: Concurrent connections (default 8).
+        timeout: ``(connect, read)`` seconds per request.
+        retries: A ``hubload.transfer.RetryPolicy``.
 
     Returns:
         File path in the entry → local path.
+
+    Raises:
+        ModelNotFoundError: unknown ID, or the file/repository/revision does not exist upstream.
+        OfflineError: not cached and offline (or the server is unreachable).
+        HashMismatchError: the bytes did not match; nothing was kept.
+        DownloadError, CacheError: the transfer or the cache failed.
     """
     entry = load_registry(registry).get(model_id)
     return pull_entry(entry, cache=Cache(cache_dir), offline=offline, token=token, progress=progress,
-                      parallel=parallel)
+                      parallel=parallel, timeout=timeout, retries=retries)
 
 
 def verify(model_ids: list[str] | None = None, *, registry: RegistryArg = None,

@@ -40,6 +40,12 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("hubload: interrupted (a partial download resumes next time)", err=True)
             sys.exit(130)
+        except Exception as exc:  # a bug or an unforeseen failure: still one line unless debugging
+            if config.debug():
+                raise
+            click.echo(f"hubload: unexpected error: {type(exc).__name__}: {exc} "
+                       "(set HUBLOAD_DEBUG=1 for the traceback and please report it)", err=True)
+            sys.exit(EXIT_ERROR)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
