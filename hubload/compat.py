@@ -100,6 +100,7 @@ class CompatReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
     dtype_casts: list[DtypeCast] = field(default_factory=list)
+    unsafe_casts: list[DtypeCast] = field(default_factory=list)
     ignored: list[Ignored] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     prefix_changes: list[str] = field(default_factory=list)
@@ -107,8 +108,8 @@ class CompatReport:
 
     @property
     def ok(self) -> bool:
-        """No missing, unexpected or shape-mismatched tensors."""
-        return not (self.missing or self.unexpected or self.shape_mismatches)
+        """No missing, unexpected, shape-mismatched or value-destroying-cast tensors."""
+        return not (self.missing or self.unexpected or self.shape_mismatches or self.unsafe_casts)
 
     # ------------------------------------------------------------------------------ serialisation
 
@@ -133,7 +134,8 @@ class CompatReport:
             "counts": {
                 "matched": len(self.matched), "missing": len(self.missing),
                 "unexpected": len(self.unexpected), "shape_mismatches": len(self.shape_mismatches),
-                "dtype_casts": len(self.dtype_casts), "ignored": len(self.ignored),
+                "dtype_casts": len(self.dtype_casts), "unsafe_casts": len(self.unsafe_casts),
+                "ignored": len(self.ignored),
                 "replaced": len(self.replaced),
             },
             "prefix_changes": list(self.prefix_changes),
@@ -141,6 +143,7 @@ class CompatReport:
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "dtype_casts": [asdict(c) for c in self.dtype_casts],
+            "unsafe_casts": [asdict(c) for c in self.unsafe_casts],
             "ignored": [asdict(i) for i in self.ignored],
             "replaced": list(self.replaced),
             "matched": [{**asdict(m), "transform": m.transform.to_dict() if m.transform else None}
@@ -166,6 +169,7 @@ class CompatReport:
             shape_mismatches=[ShapeMismatch(s["key"], s["checkpoint_key"], _shape(s["checkpoint_shape"]),
                                             _shape(s["model_shape"])) for s in data.get("shape_mismatches", [])],
             dtype_casts=[DtypeCast(**c) for c in data.get("dtype_casts", [])],
+            unsafe_casts=[DtypeCast(**c) for c in data.get("unsafe_casts", [])],
             ignored=[Ignored(**i) for i in data.get("ignored", [])],
             replaced=list(data.get("replaced", [])),
             prefix_changes=list(data.get("prefix_changes", [])),
@@ -178,7 +182,7 @@ class CompatReport:
         """One line: status and counts."""
         problems = []
         for n, word in ((len(self.shape_mismatches), "shape mismatch"), (len(self.missing), "missing"),
-                        (len(self.unexpected), "unexpected")):
+                        (len(self.unexpected), "unexpected"), (len(self.unsafe_casts), "unsafe cast")):
             if n:
                 problems.append(f"{n} {word}{'es' if word.endswith('ch') and n != 1 else ''}")
         status = "OK" if self.ok else "INCOMPATIBLE (" + ", ".join(problems) + ")"
@@ -216,6 +220,8 @@ class CompatReport:
 
         group("shape mismatches", [(m.key, str(list(m.checkpoint_shape)), str(list(m.model_shape)))
                                    for m in self.shape_mismatches], ("key", "checkpoint", "model"))
+        group("unsafe casts", [(c.key, f"{c.from_dtype} -> {c.to_dtype}") for c in self.unsafe_casts],
+              ("key", "checkpoint -> model"), note="would destroy values (e.g. float -> int); refused")
         group("missing", [(k,) for k in self.missing], note="in the model, not in the checkpoint")
         group("unexpected", [(k,) for k in self.unexpected], note="in the checkpoint, not in the model")
         if not problems_only:
@@ -244,7 +250,7 @@ class CompatReport:
             IncompatibleWeightsError: Carries this report as ``.report``.
         """
         strict = self.strict if strict is None else strict
-        if self.ok or (not strict and not self.shape_mismatches):
+        if self.ok or (not strict and not self.shape_mismatches and not self.unsafe_casts):
             return
         if strict:
             hint = ("Pass strict=False to load the matching tensors anyway, exclude=[...] to leave model "
@@ -253,6 +259,21 @@ class CompatReport:
             hint = ("Shape mismatches are never skipped silently: exclude=[...] or replace=[...] "
                     "the tensors named above.")
         raise IncompatibleWeightsError(f"{self.render(problems_only=True)}\n{hint}", report=self)
+
+
+# Casts that destroy values rather than round them: float -> int/bool, complex -> real, int -> bool.
+_UNSAFE_KINDS = {("f", "i"), ("f", "b"), ("c", "f"), ("c", "i"), ("c", "b"), ("i", "b")}
+
+
+def _dtype_kind(dtype: str) -> str:
+    """'c' complex, 'b' bool, 'i' integer, 'f' floating."""
+    if dtype.startswith("complex"):
+        return "c"
+    if dtype == "bool":
+        return "b"
+    if dtype.startswith(("int", "uint")):
+        return "i"
+    return "f"
 
 
 def _first_glob(name: str, globs: Iterable[str]) -> str | None:
@@ -339,6 +360,9 @@ def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: I
             report.shape_mismatches.append(ShapeMismatch(model_key, ck_key, ck_shape, md_shape))
             continue
         d_from, d_to = canonical_dtype(tensor.dtype), canonical_dtype(spec.dtype)
+        if (_dtype_kind(d_from), _dtype_kind(d_to)) in _UNSAFE_KINDS:
+            report.unsafe_casts.append(DtypeCast(model_key, d_from, d_to))
+            continue
         report.matched.append(Match(model_key, ck_key, getattr(tensor, "source", ck_key), md_shape, d_from, d_to,
                                     getattr(tensor, "rule", None), getattr(tensor, "transform", None)))
         if d_from != d_to:

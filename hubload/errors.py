@@ -9,6 +9,7 @@
     ├── CacheError (OSError)                  the cache dir is unusable (read-only, full, corrupt)
     ├── CheckpointError (ValueError)          a checkpoint file is malformed or unreadable
     │   └── UnsafeCheckpointError             a checkpoint needs code execution to load
+    │       └── UnsafeArchiveError            an archive member escapes its folder, is a link, or a bomb
     ├── IncompatibleWeightsError (ValueError) checkpoint and model do not fit (carries the report)
     └── MissingDependencyError (ImportError)  an optional framework/extra is not installed
 
@@ -30,6 +31,7 @@ __all__ = [
     "ModelNotFoundError",
     "OfflineError",
     "RegistryError",
+    "UnsafeArchiveError",
     "UnsafeCheckpointError",
 ]
 
@@ -132,6 +134,21 @@ class CheckpointError(HubloadError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint would need arbitrary code execution (pickle globals, Lambda layers) to load."""
+
+
+class UnsafeArchiveError(UnsafeCheckpointError):
+    """An archive member could escape the target folder, is a link/device, or the archive is a bomb.
+
+    Attributes:
+        archive: The archive file.
+        member: The offending member name (None for whole-archive limits).
+    """
+
+    def __init__(self, message: str, *, archive: str, member: str | None = None) -> None:
+        self.archive = archive
+        self.member = member
+        where = f"{archive}: member {member!r}" if member is not None else archive
+        super().__init__(f"{where}: {message}; refusing to extract anything from this archive")
 
 
 class IncompatibleWeightsError(HubloadError, ValueError):

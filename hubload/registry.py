@@ -178,7 +178,10 @@ class ModelEntry:
 
     def file_url(self, path: str) -> str:
         """The URL (or local path for file sources) of one file: the source joined with its path."""
-        check_relative_path(path)
+        try:
+            check_relative_path(path)
+        except ValueError as exc:
+            raise RegistryError(str(exc), entry=self.id, field="files") from None
         if self.scheme == "file":
             return str(self.local_dir() / path)
         if self.scheme == "hf":
@@ -205,6 +208,10 @@ class ModelEntry:
 # --------------------------------------------------------------------------------------------------------
 # YAML with line numbers and duplicate-key detection
 
+# Values a registry document may expand to (after aliases): far above any real registry.
+_MAX_YAML_NODES = 200_000
+
+
 class _Node:
     """A parsed YAML value with its 1-based line."""
 
@@ -229,25 +236,47 @@ def _yaml_nodes(text: str, file: str) -> _Node:
     if root is None:
         raise RegistryError("the file is empty; expected 'version: 1' and 'models:'", file=file)
     constructor = yaml.SafeLoader("")  # reuse PyYAML's scalar resolution (ints, bools, nulls)
+    budget = [_MAX_YAML_NODES]
+    active: set[int] = set()
+
+    def scalar(node: Any) -> Any:
+        try:
+            return constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise RegistryError(f"unsupported YAML tag {node.tag!r} (tags and '<<' merge keys are not allowed)",
+                                file=file, line=node.start_mark.line + 1) from None
 
     def convert(node: Any) -> _Node:
         line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
+        budget[0] -= 1
+        if budget[0] < 0:  # aliases can expand exponentially ("billion laughs")
+            raise RegistryError(f"more than {_MAX_YAML_NODES} values after expanding YAML aliases (an alias bomb?)",
+                                file=file, line=line)
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return _Node(scalar(node), line)
+        if id(node) in active:
+            raise RegistryError("a YAML alias refers to itself (recursive structure)", file=file, line=line)
+        active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return _Node([convert(v) for v in node.value], line)
             out: dict[str, _Node] = {}
             keylines: dict[str, int] = {}
             for knode, vnode in node.value:
                 if not isinstance(knode, yaml.ScalarNode):
                     raise RegistryError("mapping keys must be plain strings", file=file, line=knode.start_mark.line + 1)
-                key = str(constructor.construct_object(knode, deep=True))
+                if knode.tag == "tag:yaml.org,2002:merge":
+                    raise RegistryError("YAML merge keys ('<<') are not allowed; write the fields out", file=file,
+                                        line=knode.start_mark.line + 1)
+                key = str(scalar(knode))
                 if key in out:
                     raise RegistryError(f"duplicate key {key!r} (first at line {keylines[key]})", file=file,
                                         line=knode.start_mark.line + 1)
                 keylines[key] = knode.start_mark.line + 1
                 out[key] = convert(vnode)
             return _Node(out, line)
-        if isinstance(node, yaml.SequenceNode):
-            return _Node([convert(v) for v in node.value], line)
-        return _Node(constructor.construct_object(node, deep=True), line)
+        finally:
+            active.discard(id(node))
 
     return convert(root)
 
@@ -329,6 +358,9 @@ def _validate_source(ctx: _Ctx, node: _Node) -> str:
             raise ctx.fail("credentials in the URL are not allowed (they would be logged); use a token env var",
                            field="source", line=node.line)
     elif scheme == "file":
+        if urlsplit(src).netloc not in ("", "localhost"):
+            raise ctx.fail("file:// sources take no host; write file:///abs/dir (three slashes)", field="source",
+                           line=node.line)
         if not urlsplit(src).path.startswith("/"):
             raise ctx.fail("file:// sources need an absolute path (file:///dir); use a plain relative path "
                            "for folders beside the registry", field="source", line=node.line)
@@ -538,7 +570,7 @@ def parse_registry(data: str | Mapping[str, Any], *, file: str = "<registry>",
     version = root.value.get("version")
     if version is None:
         raise ctx.fail("missing 'version: 1'", line=root.line)
-    if version.value != 1:
+    if type(version.value) is not int or version.value != 1:  # not True, not 1.0
         raise ctx.fail(f"unsupported version {version.value!r}; this hubload reads version 1",
                        field="version", line=version.line)
     models = root.value.get("models")

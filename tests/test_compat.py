@@ -152,7 +152,7 @@ def test_json_round_trip():
     r = _sample_report()
     data = json.loads(r.to_json())
     assert data["counts"] == {"matched": 2, "missing": 1, "unexpected": 30, "shape_mismatches": 1,
-                              "dtype_casts": 1, "ignored": 1, "replaced": 0}
+                              "dtype_casts": 1, "unsafe_casts": 0, "ignored": 1, "replaced": 0}
     assert data["ok"] is False and len(data["unexpected"]) == 30  # JSON keeps every key
     assert data["shape_mismatches"][0]["checkpoint_shape"] == [4]
     back = CompatReport.from_dict(data)
@@ -190,3 +190,15 @@ def test_real_minilm_against_a_prefixed_model():
     assert len(r.matched) == 103 and r.replaced == ["classifier.weight", "classifier.bias"]
     assert r.prefix_changes == ["added 'bert.' to 104 checkpoint keys"]
     assert [(i.key, i.side) for i in r.ignored] == [("embeddings.position_ids", "checkpoint")]
+
+
+def test_value_destroying_casts_are_unsafe_and_block_even_non_strict_loads():
+    ckpt = {"a": ct("a", (2,), "float32"), "b": ct("b", (2,), "int64"), "c": ct("c", (2,), "float32")}
+    model = {"a": Spec((2,), "int64"), "b": Spec((2,), "float32"), "c": Spec((2,), "float16")}
+    r = check(ckpt, model)
+    assert [(c.key, c.from_dtype, c.to_dtype) for c in r.unsafe_casts] == [("a", "float32", "int64")]
+    assert {c.key for c in r.dtype_casts} == {"b", "c"} and not r.ok
+    assert "unsafe casts" in r.render()
+    with pytest.raises(IncompatibleWeightsError, match="float32 -> int64"):
+        r.raise_if_incompatible(strict=False)
+    assert CompatReport.from_dict(r.to_dict()).unsafe_casts == r.unsafe_casts
