@@ -24,8 +24,12 @@ from .errors import (
     ModelNotFoundError,
     OfflineError,
     RegistryError,
+    UnsafeArchiveError,
     UnsafeCheckpointError,
 )
+
+from .convert import convert
+from .pull import pull, verify
 
 __version__ = "0.1.0"
 
@@ -44,6 +48,7 @@ __all__ = [
     "OfflineError",
     "Registry",
     "RegistryError",
+    "UnsafeArchiveError",
     "UnsafeCheckpointError",
     "__version__",
     "check",
@@ -57,27 +62,24 @@ __all__ = [
 
 logging.getLogger("hubload").addHandler(logging.NullHandler())
 
-# Public name -> module that defines it; imported on first attribute access (PEP 562).
+# Public name -> module that defines it; imported on first attribute access (PEP 562). Functions that share
+# their module's name (pull, convert) are bound eagerly above: importing the submodule later would otherwise
+# rebind ``hubload.pull`` to the module.
 _LAZY = {
     "Cache": "cache",
     "CompatReport": "compat",
     "ModelEntry": "registry",
     "Registry": "registry",
     "check": "api",
-    "convert": "convert",
     "inspect": "api",
     "load": "api",
     "load_registry": "registry",
-    "pull": "pull",
-    "verify": "pull",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import check, inspect, load
     from .cache import Cache
     from .compat import CompatReport
-    from .convert import convert
-    from .pull import pull, verify
     from .registry import ModelEntry, Registry, load_registry
 
 

@@ -19,7 +19,7 @@ from .compat import CompatReport
 from .compat import check as compat_check
 from .errors import HubloadError
 from .registry import RegistryArg
-from .resolve import Artifact, fetch_artifact, remote_safetensors_header, resolve_source
+from .resolve import Artifact, fetch_artifact, reader_layout, remote_safetensors_header, resolve_source
 
 __all__ = ["check", "inspect", "load"]
 
@@ -87,7 +87,7 @@ def _canonical(reader: Any, art: Artifact, layout: str | None, rename: Sequence[
     """The checkpoint's tensors in the canonical layout."""
     from .layout import to_canonical
 
-    return to_canonical(reader.tensors(), layout or art.layout or reader.layout,
+    return to_canonical(reader.tensors(), layout or art.layout or reader_layout(reader),
                         rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
 
 
@@ -96,6 +96,20 @@ def _report(ckpt: Mapping[str, Any], model_spec: Mapping[str, Any], art: Artifac
     """Run the compatibility checker with the entry's ignore globs."""
     return compat_check(ckpt, model_spec, exclude=tuple(exclude), ignore=tuple(art.ignore), replace=tuple(replace),
                         strict=strict, source=art.label, target=type(model).__name__)
+
+
+def _remote_report(art: Artifact, model_spec: Mapping[str, Any], model: Any, *, cache: Cache, layout: str | None,
+                   rename: Sequence[Any], exclude: Iterable[str], replace: Iterable[str], strict: bool,
+                   offline: bool | None, token: str | bool | None) -> CompatReport | None:
+    """The report from an uncached remote safetensors header (Range requests only), or None if that does not apply."""
+    header = remote_safetensors_header(art, cache=cache, offline=offline, token=token)
+    if header is None:
+        return None
+    from .layout import to_canonical
+
+    ckpt = to_canonical(header.tensors, layout or art.layout or header.layout, rename=tuple(art.rename) + tuple(rename))
+    log.info("%s: checked from the remote header (%d bytes) before any download", art.label, header.nbytes)
+    return _report(ckpt, model_spec, art, model, exclude=exclude, replace=replace, strict=strict)
 
 
 def _is_full_model(art: Artifact) -> bool:
@@ -149,9 +163,10 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
     """Load weights into a PyTorch or Keras model, checking compatibility before anything is copied.
 
     Args:
-        source: A registry ID (``"all-minilm-l6-v2"``), ``hf://org/name[@revision]/file``, an ``https://`` URL,
-            or a local path: a checkpoint file, a folder with a sharded checkpoint, a TF checkpoint prefix
-            (as ``tf.train.Checkpoint.save`` returns it) or its folder, a SavedModel folder or ``.keras`` file.
+        source: A registry ID (``"all-minilm-l6-v2"``), ``hf://org/name[@revision]/file``, an ``https://`` or
+            ``file://`` URL, or a local path: a checkpoint file, a folder with a sharded checkpoint, a TF
+            checkpoint prefix (as ``tf.train.Checkpoint.save`` returns it) or its folder, a SavedModel folder
+            or ``.keras`` file.
         model: The model to load into (``torch.nn.Module`` or ``keras.Model``/``tf.Module``); the framework
             is inferred from it. Omit it to build the registry entry's architecture.
         framework: ``torch``/``pt``/``pytorch`` or ``tf``/``tensorflow``/``keras`` when ``model`` is omitted.
@@ -201,14 +216,10 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
                            "framework='torch' / 'tf' to build the registry entry's architecture")
 
     model_spec = adapter.spec(model)
-    header = remote_safetensors_header(art, cache=cache, offline=offline, token=token)
-    if header is not None:  # uncached remote safetensors: check before gigabytes move
-        from .layout import to_canonical
-
-        tensors, nbytes = header
-        pre = _report(to_canonical(tensors, layout or art.layout or "torch", rename=tuple(art.rename) + tuple(rename)),
-                      model_spec, art, model, exclude=exclude, replace=replace, strict=strict)
-        log.info("%s: pre-checked from the remote header (%d bytes) before downloading", art.label, nbytes)
+    # An uncached remote safetensors is checked from its header first, so a misfit fails before gigabytes move.
+    pre = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
+                         replace=replace, strict=strict, offline=offline, token=token)
+    if pre is not None:
         pre.raise_if_incompatible(strict)
 
     art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
@@ -263,16 +274,9 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
     if key is not None:
         art = _with_key(art, key)
     model_spec = adapter.spec(model)
-    header = remote_safetensors_header(art, cache=cache, offline=offline, token=token)
-    if header is not None:
-        from .layout import to_canonical
-
-        tensors, nbytes = header
-        report = _report(to_canonical(tensors, layout or art.layout or "torch",
-                                      rename=tuple(art.rename) + tuple(rename)),
-                         model_spec, art, model, exclude=exclude, replace=replace, strict=strict)
-        log.info("%s: checked from the remote header (%d bytes), nothing downloaded", art.label, nbytes)
-    else:
+    report = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
+                            replace=replace, strict=strict, offline=offline, token=token)
+    if report is None:
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
         from .readers import open_checkpoint
 
@@ -295,7 +299,7 @@ def inspect(source: str | os.PathLike[str], *, registry: RegistryArg = None, key
         art = _with_key(art, key)
     header = remote_safetensors_header(art, cache=cache, offline=offline, token=token)
     if header is not None:
-        return dict(header[0])
+        return dict(header.tensors)
     art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
     if _is_full_model(art):
         raise HubloadError(f"{art.label} is a whole saved model; `inspect` reads weight checkpoints")

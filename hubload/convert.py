@@ -37,6 +37,26 @@ def keras_leaf_hint(name: str, ndim: int) -> str | None:
     return {"bias": "bias", "running_mean": "moving_mean", "running_var": "moving_variance"}.get(leaf, leaf)
 
 
+def _keras_leaf_hints(canon: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """Keras leaf for every canonical tensor (see :func:`keras_leaf_hint`), and the dropped ones with why.
+
+    A norm layer's ``bias`` is its ``beta``: that shows only next to its ``weight`` (a rank-1 gamma).
+    """
+    hints: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    for name, ct in canon.items():
+        hint = keras_leaf_hint(name, len(ct.shape))
+        if hint is None:
+            dropped[name] = "no Keras counterpart"
+        else:
+            hints[name] = hint
+    for name in hints:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "bias" and hints.get(f"{module}.weight" if module else "weight") == "gamma":
+            hints[name] = "beta"
+    return hints, dropped
+
+
 def to_numpy(data: Any) -> Any:
     """A numpy array from a reader's tensor (numpy already, or a torch tensor incl. bfloat16)."""
     import numpy as np
@@ -67,7 +87,9 @@ def write_safetensors(path: str | os.PathLike[str], arrays: Mapping[str, Any],
     offset = 0
     blobs = []
     for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
+        arr = np.asarray(arrays[name])
+        if not arr.flags.c_contiguous:  # not np.ascontiguousarray: it turns a 0-d scalar into shape [1]
+            arr = arr.copy(order="C")
         dname = canonical_dtype(arr.dtype)
         if dname not in tag_of:
             raise CheckpointError(f"{name}: dtype {dname} cannot be stored in safetensors")
@@ -103,7 +125,8 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
         offline: Use the cache only.
 
     Returns:
-        A summary: tensors written, bytes, and the tensors dropped with the reason.
+        A summary: ``out``, ``layout``, ``tensors`` (count), ``bytes``, ``names`` (source tensor name →
+        name written) and ``dropped`` (canonical name → why it has no counterpart).
     """
     if layout not in ("torch", "keras"):
         raise HubloadError(f"layout must be 'torch' or 'keras', got {layout!r}")
@@ -112,7 +135,7 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     from .cache import Cache
     from .layout import apply_transform, from_canonical, to_canonical
     from .readers import open_checkpoint
-    from .resolve import fetch_artifact, resolve_source
+    from .resolve import fetch_artifact, reader_layout, resolve_source
 
     art = resolve_source(source, registry=registry)
     if key is not None:
@@ -120,27 +143,24 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     art = fetch_artifact(art, cache=Cache(), offline=offline)
     fmt = art.format if art.format not in (None, "savedmodel", "keras") else None
     arrays: dict[str, Any] = {}
+    names: dict[str, str] = {}
     dropped: dict[str, str] = {}
     with open_checkpoint(art.path, format=fmt, key=art.key) as reader:
-        canon = to_canonical(reader.tensors(), from_layout or art.layout or reader.layout,
+        canon = to_canonical(reader.tensors(), from_layout or art.layout or reader_layout(reader),
                              rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
         targets: dict[str, tuple[str, Any]] = {}
         if layout == "torch":
             targets = {name: (name, None) for name in canon}
         else:
-            hints = {}
-            for name, ct in canon.items():
-                hint = keras_leaf_hint(name, len(ct.shape))
-                if hint is None:
-                    dropped[name] = "no Keras counterpart"
-                else:
-                    hints[name] = hint
+            hints, dropped = _keras_leaf_hints(canon)
             kept = {n: ct for n, ct in canon.items() if n in hints}
             targets = {n: (path, tr) for n, (path, tr, _) in from_canonical(kept, hints).items()}
         for name, (target, to_target) in targets.items():
             ct = canon[name]
             arr = apply_transform(to_numpy(reader.get(ct.source)), ct.transform)
             arrays[target] = apply_transform(arr, to_target)
+            names[ct.source] = target
     size = write_safetensors(out, arrays, {"format": "pt" if layout == "torch" else "keras",
                                            "hubload_layout": layout, "converted_from": art.label})
-    return {"out": str(out), "layout": layout, "tensors": len(arrays), "bytes": size, "dropped": dropped}
+    return {"out": str(out), "layout": layout, "tensors": len(arrays), "bytes": size, "names": names,
+            "dropped": dropped}

@@ -403,6 +403,9 @@ class SafetensorsReader(_ReaderBase):
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read safetensors file: {exc}") from exc
         self.metadata = self.header.metadata
+        declared = (self.metadata or {}).get("hubload_layout")
+        if declared in ("torch", "keras"):  # written by `hubload convert`: the file says its convention
+            self.layout = declared
         self._map: Any = None
 
     def tensors(self) -> dict[str, TensorInfo]:

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import config
 from .cache import Cache
@@ -21,7 +21,8 @@ from .errors import CheckpointError, HubloadError, ModelNotFoundError
 from .registry import FileSpec, ModelEntry, RegistryArg, _infer_format, check_relative_path, load_registry
 from .sources import resolve_file, resolve_hf_revision
 
-__all__ = ["Artifact", "fetch_artifact", "remote_safetensors_header", "resolve_source"]
+__all__ = ["Artifact", "RemoteHeader", "fetch_artifact", "reader_layout", "remote_safetensors_header",
+           "resolve_source"]
 
 log = logging.getLogger("hubload")
 
@@ -59,10 +60,57 @@ class Artifact:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Written into the __metadata__ of files `hubload convert` produces, so the layout travels with the file.
+LAYOUT_METADATA_KEY = "hubload_layout"
+
+
+def _layout_from_metadata(metadata: Any, default: str) -> str:
+    """The layout a safetensors ``__metadata__`` declares, else ``default``."""
+    declared = (metadata or {}).get(LAYOUT_METADATA_KEY) if isinstance(metadata, dict) else None
+    return declared if declared in ("torch", "keras") else default
+
+
+def reader_layout(reader: Any) -> str:
+    """The tensor convention of an open checkpoint: the file's own declaration first, then the reader's guess.
+
+    A safetensors file written by ``hubload convert --layout keras`` says so in its metadata; a reader that
+    does not look there would call it ``torch`` and find none of its Keras names.
+    """
+    return _layout_from_metadata(getattr(reader, "metadata", None), reader.layout)
+
+
+class RemoteHeader(NamedTuple):
+    """A remote safetensors header read with Range requests.
+
+    Attributes:
+        tensors: Name -> TensorInfo.
+        nbytes: Bytes transferred to read it.
+        metadata: The header's ``__metadata__``.
+    """
+
+    tensors: dict[str, Any]
+    nbytes: int
+    metadata: dict[str, str]
+
+    @property
+    def layout(self) -> str:
+        """The layout the file declares (``torch`` when it says nothing)."""
+        return _layout_from_metadata(self.metadata, "torch")
+
+
+def _adhoc_id(url: str) -> str:
+    """A cache-safe ID for a URL source: one readable path segment, unique per URL."""
+    import hashlib
+
+    # The cache files an entry under its ID, so it must be one safe segment (a URL has '://' and '/').
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", url.partition("://")[2]).strip("-.")[:80]
+    return f"{slug or 'url'}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+
+
 def _adhoc_entry(label: str, source: str, files: tuple[FileSpec, ...], revision: str | None = None) -> ModelEntry:
     """An unregistered entry for a URL source (verified by the Hub's hash, or hashed and recorded)."""
     fmt = _infer_format(files) or "safetensors"
-    return ModelEntry(id=label, source=source, files=files, format=fmt, revision=revision)
+    return ModelEntry(id=_adhoc_id(label), source=source, files=files, format=fmt, revision=revision)
 
 
 def _from_entry(entry: ModelEntry) -> Artifact:
@@ -103,7 +151,9 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
         except ValueError as exc:
             raise ModelNotFoundError(f"{source!r}: bad file path: {exc}") from None
         spec = FileSpec(path=file, sha256=sha256)
-        return _from_entry(_adhoc_entry(source, f"hf://{repo}", (spec,), revision=rev or "main"))
+        # A bare URL declares no layout: the file's metadata or the reader decides (layout= overrides).
+        return replace(_from_entry(_adhoc_entry(source, f"hf://{repo}", (spec,), revision=rev or "main")),
+                       label=source, layout=None)
     if source.startswith(("https://", "http://")):
         base, _, name = source.rpartition("/")
         if not name:
@@ -111,7 +161,7 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
         from urllib.parse import unquote
 
         spec = FileSpec(path=unquote(name.split("?")[0]), sha256=sha256)
-        return _from_entry(_adhoc_entry(source, base + "/", (spec,)))
+        return replace(_from_entry(_adhoc_entry(source, base + "/", (spec,))), label=source, layout=None)
     if source.startswith("file://"):
         from urllib.parse import unquote, urlsplit
 
@@ -189,12 +239,12 @@ def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool |
 
 
 def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offline: bool | None = None,
-                              token: str | bool | None = None) -> tuple[dict[str, Any], int] | None:
+                              token: str | bool | None = None) -> RemoteHeader | None:
     """Read the tensor table of an uncached, remote, single-file safetensors artifact with Range requests.
 
     Returns:
-        (name → TensorInfo, bytes transferred), or None when a pre-check does not apply (cached already,
-        local, not safetensors, several files, offline).
+        The :class:`RemoteHeader`, or None when a pre-check does not apply (cached already, local, not
+        safetensors, several files, offline).
     """
     entry = art.entry
     if entry is None or entry.scheme == "file" or entry.format != "safetensors" or len(entry.files) != 1:
@@ -222,5 +272,5 @@ def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offl
     if 8 + n > len(first):
         first += transfer.fetch_range(rf.url, len(first), 8 + n, **kw)
     header = parse_safetensors_header(first[:8], first[8:8 + n], file_size=rf.size, source=rf.url)
-    return header.tensors, len(first)
+    return RemoteHeader(header.tensors, len(first), dict(header.metadata))
 
