@@ -414,6 +414,8 @@ def _infer_format(files: tuple[FileSpec, ...]) -> str | None:
     """Guess the format from the first file's suffix."""
     for f in files:
         name = f.path.lower()
+        if name.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
+            return "savedmodel"  # whole-model folders travel as archives
         if name.endswith(".weights.h5"):
             return "keras-weights"
         if name.endswith(".safetensors.index.json"):

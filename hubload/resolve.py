@@ -235,7 +235,14 @@ def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool |
     if entry.registry_file is None and len(entry.files) == 1 and entry.files[0].path.endswith(".index.json"):
         entry = _expand_sharded(entry, files[entry.files[0].path])
         files = pull_entry(entry, cache=cache, offline=offline, token=token, progress=progress)
-    return replace(art, entry=entry, path=_local_checkpoint(entry, files))
+    path = _local_checkpoint(entry, files)
+    if entry.format == "savedmodel" and len(entry.files) == 1:
+        from .archive import extract_to_cache, is_archive, savedmodel_root
+
+        if is_archive(entry.files[0].path):  # a SavedModel folder shipped as .tar/.zip: unpack it safely, once
+            sha = os.path.basename(os.path.realpath(path))  # blobs are named by their verified sha256
+            path = savedmodel_root(extract_to_cache(path, sha, cache=cache))
+    return replace(art, entry=entry, path=path)
 
 
 def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offline: bool | None = None,

@@ -272,9 +272,6 @@ def test_savedmodel_root_needs_exactly_one(tmp_path):
         savedmodel_root(tmp_path)
 
 
-# The wiring that makes registry archives usable is not in fetch_artifact yet (see the report's snippet).
-@pytest.mark.xfail(strict=True, reason="fetch_artifact does not extract .tar/.zip SavedModel archives yet: the "
-                   "archive blob itself is handed to the loader")
 def test_registry_savedmodel_archive_is_extracted_into_the_cache(tmp_path):
     src_dir = tmp_path / "weights"
     src_dir.mkdir()

@@ -569,3 +569,26 @@ def test_keras_layout_file_over_https_needs_no_layout_argument(file_server, tmp_
     for model, run in ((keras_mlp(seed=0), out_keras), (torch_mlp(seed=0), out_torch)):
         hubload.load(url, model=model, sha256=sha)
         np.testing.assert_allclose(run(model, x), out_torch(torch_ref, x), rtol=0, atol=1e-6)
+
+
+def test_registry_savedmodel_archive_loads_as_a_whole_model(tmp_path):
+    """A SavedModel folder shipped as .tar.gz: verified, extracted safely into the cache, loaded with no model."""
+    tf = pytest.importorskip("tensorflow")
+    import hashlib
+    import tarfile
+
+    class Doubler(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def __call__(self, x):
+            return 2.0 * x
+
+    tf.saved_model.save(Doubler(), str(tmp_path / "sm"))
+    src = tmp_path / "weights"
+    src.mkdir()
+    with tarfile.open(src / "doubler.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "sm", arcname="sm")
+    digest = hashlib.sha256((src / "doubler.tar.gz").read_bytes()).hexdigest()
+    reg = {"version": 1, "models": {"doubler": {"source": f"file://{src}", "files": [
+        {"path": "doubler.tar.gz", "sha256": digest}]}}}
+    loaded = hubload.load("doubler", registry=reg)
+    assert list(loaded(tf.constant([1.5, -2.0])).numpy()) == [3.0, -4.0]
