@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hubload.errors import RegistryError
+from hubload.adapters._zoo_config import check_bert_config
 
 __all__ = [
     "BasicBlock",
@@ -223,18 +223,6 @@ class BertModel(nn.Module):
         return self.encoder(hidden, mask_bias)
 
 
-def _check_bert_config(hidden_size: int, num_attention_heads: int, hidden_act: str) -> None:
-    """Raise RegistryError for a BERT config this zoo cannot build."""
-    if hidden_act not in _ACTIVATIONS:
-        raise RegistryError(f"hubload zoo 'bert' does not support hidden_act={hidden_act!r}; "
-                            f"use one of {sorted(_ACTIVATIONS)} in the architecture config",
-                            field="config.hidden_act")
-    if hidden_size % num_attention_heads:
-        raise RegistryError(f"hubload zoo 'bert': hidden_size={hidden_size} is not divisible by "
-                            f"num_attention_heads={num_attention_heads}; fix the architecture config",
-                            field="config.hidden_size")
-
-
 def _init_bert(module: nn.Module, std: float) -> None:
     """HF's BERT initialisation: N(0, std) weights, zero biases, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -276,7 +264,7 @@ def bert(*, vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: 
     Raises:
         RegistryError: If ``hidden_act`` is unknown or the heads do not divide ``hidden_size``.
     """
-    _check_bert_config(hidden_size, num_attention_heads, hidden_act)
+    check_bert_config(hidden_size, num_attention_heads, hidden_act, _ACTIVATIONS)
     model = BertModel(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                       num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
                       max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size,
