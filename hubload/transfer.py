@@ -59,10 +59,16 @@ __all__ = ["DEFAULT_RETRY", "RetryPolicy", "download", "fetch_range"]
 
 logger = logging.getLogger("hubload")
 
-CHUNK_SIZE = 4 * 1024 * 1024          # bytes handed to the writer thread at a time
+CHUNK_SIZE = 4 * 1024 * 1024          # bytes read into one buffer before it moves on to write + hash
+PIPELINE_BUFFERS = 6                  # buffers in flight in one stream (reading, writing, hashing, spare)
 PARALLEL_MIN_SIZE = 64 * 1024 * 1024  # smaller files are not worth several connections
-SEGMENT_SIZE = 16 * 1024 * 1024       # unit of work of a parallel download
-CHECKPOINT_BYTES = 64 * 1024 * 1024   # fsync + record progress this often
+SEGMENT_SIZE = 16 * 1024 * 1024       # smallest unit of work of a parallel download
+SEGMENT_MAX = 64 * 1024 * 1024        # largest
+CHECKPOINT_BYTES = 64 * 1024 * 1024   # record a parallel download's progress this often
+PROBE_MIN_SIZE = 256 * 1024 * 1024    # files this large start as one stream and split only if it proves slow
+PROBE_SECONDS = 0.3                   # how long that first stream is timed
+STREAM_FAST = 256 * 1024 * 1024       # bytes/s from which one stream is kept: the client's CPU, not the link, is
+                                      # then the limit, and more connections would only compete for it
 MAX_REDIRECTS = 10
 _META_VERSION = 1
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -123,6 +129,10 @@ class _Restart(Exception):
 
 class _NoRanges(Exception):
     """The server does not honour Range: a parallel download must fall back to one stream."""
+
+
+class _GoParallel(Exception):
+    """The probing stream is slow (a per-connection cap): continue from ``state.offset`` with ranges."""
 
 
 _NETWORK_ERRORS = (
@@ -303,9 +313,9 @@ def _raise_for_status(job: _Job, resp: requests.Response) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- resume state
-def _write_meta(job: _Job, state: _State) -> None:
+def _write_meta(job: _Job, state: _State, *, durable: bool = True) -> None:
     """Record what the partial file is, so a later process can resume it safely."""
-    atomic_write_json(job.meta, {
+    atomic_write_json(job.meta, durable=durable, data={
         "version": _META_VERSION, "url": redact_url(job.url), "sha256": job.sha256, "size": job.size,
         "etag": state.etag, "bytes_done": state.offset, "preallocated": state.preallocated,
         "model_id": job.model_id, "file": job.file, "updated_at": time.time(),
@@ -369,17 +379,75 @@ def _reset(job: _Job, state: _State) -> None:
         job.bar.reset(total=job.size)
 
 
-def _checkpoint(job: _Job, f: Any, state: _State) -> None:
-    """fsync the data, then record ``bytes_done`` (so the metadata never claims unsynced bytes)."""
-    f.flush()
-    os.fsync(f.fileno())
+def _checkpoint(job: _Job, state: _State) -> None:
+    """Record ``bytes_done`` of a parallel download (no fsync: the final hash catches a torn prefix, see below).
+
+    A crash can leave the metadata claiming bytes the disk never got; the resumed prefix is then re-hashed and
+    fails verification, and the one clean retry from byte 0 in :func:`_transfer` handles it. Syncing 64 MiB
+    every checkpoint cost more than the whole transfer on a fast link; one fsync before publish keeps the
+    published blob crash-safe.
+    """
     state.last_checkpoint = state.offset
-    _write_meta(job, state)
+    _write_meta(job, state, durable=False)
+
+
+class _Body:
+    """A response body read straight into caller buffers (``recv_into``; no per-chunk ``bytes`` objects).
+
+    For a plain ``Content-Length`` body the socket's buffered reader is read with ``readinto1`` and the length
+    is tracked here; anything else (chunked, unknown transports) falls back to urllib3's ``read1`` plus a copy.
+    Bytes are never decoded (``Accept-Encoding: identity`` is sent; what arrives is what is hashed).
+    """
+
+    def __init__(self, raw: Any) -> None:
+        fp = getattr(raw, "_fp", None)  # urllib3 2.x: the http.client.HTTPResponse
+        inner = getattr(fp, "fp", None)
+        self._raw = raw
+        self._inner = inner if (inner is not None and hasattr(inner, "readinto1")
+                                and getattr(fp, "chunked", True) is False
+                                and isinstance(getattr(fp, "length", None), int)) else None
+        self._left = fp.length if self._inner is not None else 0
+
+    def readinto1(self, view: memoryview) -> int:
+        """Read what is available (at least one byte, 0 at the end) into ``view``; return the count."""
+        if self._inner is not None:
+            if self._left <= 0:
+                return 0
+            n = self._inner.readinto1(view[: min(len(view), self._left)]) or 0
+            self._left -= n
+            return n
+        data = self._raw.read1(len(view), decode_content=False)
+        view[: len(data)] = data
+        return len(data)
+
+    def fill(self, view: memoryview, deadline: float | None = None) -> int:
+        """Read until ``view`` is full, the body ends, or ``deadline`` (monotonic) passes; return the count."""
+        got = 0
+        while got < len(view):
+            n = self.readinto1(view[got:])
+            if not n:
+                break
+            got += n
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return got
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    """``os.pwrite`` until every byte is written."""
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
 
 
 # ---------------------------------------------------------------------------------------------- one stream
-def _stream(job: _Job, state: _State, f: Any) -> None:
-    """One GET from ``state.offset`` to the end, appending to ``f`` and hashing on the way."""
+def _stream(job: _Job, state: _State, f: Any, *, probe: bool = False) -> None:
+    """One GET from ``state.offset`` to the end, appending to ``f`` and hashing on the way.
+
+    With ``probe``, raise ``_GoParallel`` (everything received so far kept) if the stream runs slower than
+    ``STREAM_FAST`` after ``PROBE_SECONDS`` and enough of the file is left to be worth splitting.
+    """
     extra = {}
     if state.offset:
         extra["Range"] = f"bytes={state.offset}-"
@@ -411,65 +479,105 @@ def _stream(job: _Job, state: _State, f: Any) -> None:
         end = state.offset + int(length) if length and length.isdigit() else None
         if job.size is not None and end is not None and end != job.size:
             raise _Transient(f"server announces {end} bytes in all, expected {job.size}")
-        _pump(job, state, resp.raw, f, limit=job.size if job.size is not None else end)
+        _pump(job, state, resp.raw, f, limit=job.size if job.size is not None else end, probe=probe)
     if end is not None and state.offset < end:
         raise _Transient(f"body ended at byte {state.offset} of {end} (truncated)")
     if job.size is not None and state.offset < job.size:
         raise _Transient(f"body ended at byte {state.offset} of {job.size} (truncated)")
 
 
-def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None) -> None:
-    """Read the body in big chunks; a writer thread writes + hashes them while the next chunk arrives."""
-    q: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, probe: bool = False) -> None:
+    """Read the body into a ring of buffers; a writer thread writes them and a hashing thread hashes them.
+
+    Three stages overlap (socket reads, ``pwrite``, sha256 all release the GIL) and no chunk is copied in
+    Python. ``state.offset``/``state.hasher`` only advance once a chunk is both written and hashed, so after
+    an error the retry resumes exactly after the bytes that are on disk and in the hash.
+    """
+    f.flush()
+    fd = f.fileno()
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(PIPELINE_BUFFERS):
+        free.put(bytearray(CHUNK_SIZE))
+    to_write: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+    to_hash: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
     failure: list[BaseException] = []
 
     def writer() -> None:
-        while (chunk := q.get()) is not None:
+        while (item := to_write.get()) is not None:
+            buf, pos, n = item
+            if not failure:
+                try:
+                    _pwrite_all(fd, memoryview(buf)[:n], pos)
+                except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
+                    failure.append(exc)
             if failure:
-                continue  # keep draining so the reader never blocks on a dead writer
-            try:
-                f.write(chunk)
-                state.hasher.update(chunk)
-                state.offset += len(chunk)
-                if job.bar is not None:
-                    job.bar.update(len(chunk))
-                if state.offset - state.last_checkpoint >= CHECKPOINT_BYTES:
-                    _checkpoint(job, f, state)
-            except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
-                failure.append(exc)
+                free.put(buf)  # keep draining so the reader never blocks on a dead stage
+            else:
+                to_hash.put((buf, n))
+        to_hash.put(None)
 
-    t = threading.Thread(target=writer, name="hubload-writer", daemon=True)
-    t.start()
-    received = state.offset
-    pieces: list[bytes] = []
-    pending = 0
-    flushed_at = time.monotonic()
+    def hasher() -> None:
+        while (item := to_hash.get()) is not None:
+            buf, n = item
+            if not failure:
+                try:
+                    state.hasher.update(memoryview(buf)[:n])
+                    state.offset += n
+                    if job.bar is not None:
+                        job.bar.update(n)
+                except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
+                    failure.append(exc)
+            free.put(buf)
+
+    threads = [threading.Thread(target=writer, name="hubload-writer", daemon=True),
+               threading.Thread(target=hasher, name="hubload-hasher", daemon=True)]
+    for t in threads:
+        t.start()
+    body = _Body(raw)
+    received = started_at = state.offset
+    t0 = time.monotonic()
     try:
         while not failure:
-            try:
-                data = raw.read1(CHUNK_SIZE - pending, decode_content=False)
-            except _NETWORK_ERRORS as exc:
-                raise _Transient(f"connection lost after {received + pending} bytes: {type(exc).__name__}: {exc}") from None
-            if data:
-                if limit is not None and received + pending + len(data) > limit:
-                    raise _Restart(f"server sent more than the expected {limit} bytes")
-                pieces.append(data)
-                pending += len(data)
+            buf = free.get()
             # Big chunks on a fast link; on a slow one, hand over at least every 0.25 s so the partial file
             # (what a killed run resumes from, and what lock waiters watch) keeps growing.
-            now = time.monotonic()
-            if pending and (pending >= CHUNK_SIZE or not data or now - flushed_at >= 0.25):
-                q.put(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-                received += pending
-                pieces, pending = [], 0
-                flushed_at = now
-            if not data:
+            view = memoryview(buf)
+            got = 0
+            lost: BaseException | None = None
+            deadline = time.monotonic() + 0.25
+            try:
+                while got < len(view):
+                    n = body.readinto1(view[got:])
+                    if not n:
+                        break
+                    got += n
+                    if time.monotonic() >= deadline:
+                        break
+            except _NETWORK_ERRORS as exc:
+                lost = exc  # bytes that arrived before a reset are kept: the retry resumes after them
+            if got and limit is not None and received + got > limit:
+                free.put(buf)
+                raise _Restart(f"server sent more than the expected {limit} bytes")
+            if got:
+                to_write.put((buf, received, got))
+                received += got
+            else:
+                free.put(buf)
+            if lost is not None:
+                raise _Transient(f"connection lost after {received} bytes: {type(lost).__name__}: {lost}") from None
+            if not got:
                 break
+            if probe and (elapsed := time.monotonic() - t0) >= PROBE_SECONDS:
+                probe = False
+                rate = (received - started_at) / elapsed
+                if rate < STREAM_FAST and limit is not None and limit - received >= PARALLEL_MIN_SIZE:
+                    logger.debug("hubload: %s streams at %.0f MB/s; switching to ranged requests", job.where,
+                                 rate / 1e6)
+                    raise _GoParallel()
     finally:
-        if pieces and not failure:  # bytes that arrived before a reset are kept: the retry resumes after them
-            q.put(b"".join(pieces))
-        q.put(None)
-        t.join()
+        to_write.put(None)
+        for t in threads:
+            t.join()
         if failure:
             exc = failure[0]
             if isinstance(exc, OSError) and not isinstance(exc, HubloadError):
@@ -499,7 +607,10 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
     state.preallocated = True
     _write_meta(job, state)
 
-    segments = [(a, min(a + SEGMENT_SIZE, size)) for a in range(state.offset, size, SEGMENT_SIZE)]
+    # Fewer, larger segments on big files (each request costs a round trip and a new connection), but at least
+    # 4 per worker so a slow connection cannot hold up the end for long.
+    seg = min(max(SEGMENT_SIZE, -(-(size - state.offset) // (workers * 4))), max(SEGMENT_SIZE, SEGMENT_MAX))
+    segments = [(a, min(a + seg, size)) for a in range(state.offset, size, seg)]
     done: dict[int, int] = {}  # segment start -> end, once fully written
     cond = threading.Condition()
     next_seg = [0]
@@ -562,7 +673,7 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
                 hashed_seg[0] += 1
                 cond.notify_all()
             if state.offset - state.last_checkpoint >= CHECKPOINT_BYTES:
-                _checkpoint(job, f, state)
+                _checkpoint(job, state)
     finally:
         with cond:
             if state.offset < size:
@@ -570,6 +681,17 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
             cond.notify_all()
         for t in threads:
             t.join()
+
+
+_tls = threading.local()
+
+
+def _buffer() -> memoryview:
+    """This thread's reusable read buffer (a worker fetches many segments; allocate once)."""
+    view = getattr(_tls, "view", None)
+    if view is None or len(view) != CHUNK_SIZE:
+        view = _tls.view = memoryview(bytearray(CHUNK_SIZE))
+    return view
 
 
 def _pread_into(fd: int, view: memoryview, pos: int) -> int:
@@ -581,6 +703,7 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> int:
 
 def _fetch_segment(job: _Job, etag: list[str | None], fd: int, a: int, b: int) -> None:
     """Fetch bytes ``[a, b)`` into the file at ``a``; retries resume inside the segment."""
+    view = _buffer()
     pos = a
     failures = 0
     while pos < b:
@@ -599,16 +722,17 @@ def _fetch_segment(job: _Job, etag: list[str | None], fd: int, a: int, b: int) -
                     etag[0] = got
                 elif got and got != etag[0]:
                     raise _Restart("the ETag changed during a parallel download")
+                body = _Body(resp.raw)
                 try:
                     while pos < b:
-                        data = resp.raw.read1(min(CHUNK_SIZE, b - pos), decode_content=False)
-                        if not data:
+                        n = body.fill(view[: min(len(view), b - pos)])
+                        if not n:
                             raise _Transient(f"range {a}-{b - 1} ended at byte {pos} (truncated)")
                         try:
-                            os.pwrite(fd, data, pos)
+                            _pwrite_all(fd, view[:n], pos)
                         except OSError as exc:
                             raise cache_os_error(exc, job.part, "writing") from exc
-                        pos += len(data)
+                        pos += n
                 except _NETWORK_ERRORS as exc:
                     raise _Transient(f"connection lost in range {a}-{b - 1}: {type(exc).__name__}: {exc}") from None
         except _Transient as exc:
@@ -631,6 +755,9 @@ def _transfer(job: _Job, parallel: int) -> Path:
     # changed mid-download could be spliced together undetected.
     use_parallel = (parallel > 1 and job.size is not None and job.size >= PARALLEL_MIN_SIZE
                     and bool(job.sha256 or job.sha256_prefix))
+    # A big file first streams on one connection; if that is fast, ranges would only add CPU work (localhost,
+    # LAN); if it is slow (a CDN capping each connection) the rest is split into ranges.
+    probe = use_parallel and job.size is not None and job.size >= PROBE_MIN_SIZE
     if job.bar is not None:
         job.bar.reset(total=job.size)
         job.bar.update(state.offset)
@@ -643,11 +770,15 @@ def _transfer(job: _Job, parallel: int) -> Path:
             before = state.offset
             try:
                 if job.size is None or state.offset < job.size:
-                    if use_parallel:
+                    if use_parallel and not probe:
                         _parallel(job, state, f, parallel)
                     else:
                         f.seek(state.offset)
-                        _stream(job, state, f)
+                        try:
+                            _stream(job, state, f, probe=probe)
+                        except _GoParallel:
+                            probe = False
+                            continue
                 f.flush()
                 digest = state.hasher.hexdigest()
                 if _digest_ok(job, digest):

@@ -1,0 +1,185 @@
+"""One timed operation, run in a fresh interpreter: ``python bench/child.py OP '<json args>'``.
+
+Prints one JSON object on the last stdout line: ``seconds`` (the operation only, imports excluded), plus
+what the op measures (``calls``, ``connects``, ``rss_growth`` ...). Running each measurement in its own process
+keeps caches, threads and imports of one tool from helping or hurting another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _count_connects() -> list[int]:
+    """Count outgoing socket connections made from now on (proves a warm hit stays off the network)."""
+    counter = [0]
+    orig_connect, orig_cc = socket.socket.connect, socket.create_connection
+
+    def connect(self: socket.socket, *a: Any, **k: Any) -> Any:
+        counter[0] += 1
+        return orig_connect(self, *a, **k)
+
+    def create_connection(*a: Any, **k: Any) -> Any:
+        counter[0] += 1
+        return orig_cc(*a, **k)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.create_connection = create_connection  # type: ignore[assignment]
+    return counter
+
+
+def hubload_pull(a: dict[str, Any]) -> dict[str, Any]:
+    """Cold pull of a registry entry into an empty cache (module imports done first, as for the baselines)."""
+    import hubload.pull
+    import hubload.transfer  # noqa: F401 - imported lazily by pull; the baselines import their library too
+    import huggingface_hub  # noqa: F401 - hubload's hf:// source imports it (config.hf_token); see README
+
+    t = time.perf_counter()
+    out = hubload.pull.pull(a["model"], registry=a["registry"], cache_dir=a["cache"], progress=False,
+                            parallel=a.get("parallel"))
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "bytes": sum(p.stat().st_size for p in out.values())}
+
+
+def hf_download(a: dict[str, Any]) -> dict[str, Any]:
+    """hf_hub_download of one file into an empty cache."""
+    from huggingface_hub import hf_hub_download
+
+    t = time.perf_counter()
+    p = hf_hub_download(a["repo"], a["file"], revision=a["commit"], cache_dir=a["cache"])
+    return {"seconds": time.perf_counter() - t, "bytes": os.path.getsize(p)}
+
+
+def hf_snapshot(a: dict[str, Any]) -> dict[str, Any]:
+    """snapshot_download of a whole repo into an empty cache."""
+    from huggingface_hub import snapshot_download
+
+    t = time.perf_counter()
+    p = snapshot_download(a["repo"], revision=a["commit"], cache_dir=a["cache"])
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "bytes": sum(f.stat().st_size for f in Path(p).iterdir())}
+
+
+def hubload_warm(a: dict[str, Any]) -> dict[str, Any]:
+    """``hubload.pull`` of a cached pinned entry, repeated; counts connection attempts."""
+    import hubload.pull
+    from hubload.cache import Cache
+    from hubload.registry import load_registry
+
+    reg = load_registry(a["registry"])
+    cache = Cache(a["cache"])
+    entry = reg.get(a["model"])
+    hubload.pull.pull_entry(entry, cache=cache)  # first call may create the snapshot links
+    counter = _count_connects()
+    n = a["n"]
+    t = time.perf_counter()
+    for _ in range(n):
+        hubload.pull.pull_entry(entry, cache=cache)
+    dt = time.perf_counter() - t
+    t2 = time.perf_counter()
+    for _ in range(n):
+        hubload.pull.pull(a["model"], registry=reg, cache_dir=a["cache"])
+    dt2 = time.perf_counter() - t2
+    return {"seconds": dt / n, "seconds_by_id": dt2 / n, "connects": counter[0], "calls": 2 * n}
+
+
+def hf_warm(a: dict[str, Any]) -> dict[str, Any]:
+    """``hf_hub_download`` of a cached file, repeated (server up: one HEAD per call)."""
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(a["repo"], a["file"], revision=a["commit"], cache_dir=a["cache"])
+    counter = _count_connects()
+    n = a["n"]
+    t = time.perf_counter()
+    for _ in range(n):
+        hf_hub_download(a["repo"], a["file"], revision=a["commit"], cache_dir=a["cache"])
+    return {"seconds": (time.perf_counter() - t) / n, "connects": counter[0], "calls": n}
+
+
+def _minilm_state(path: str) -> Any:
+    """The MiniLM safetensors as torch tensors."""
+    import safetensors.torch
+
+    return safetensors.torch.load_file(path)
+
+
+def torch_load_baseline(a: dict[str, Any]) -> dict[str, Any]:
+    """safetensors.torch.load_file + load_state_dict into the torch twin (model built before timing)."""
+    import safetensors.torch
+    import torch  # noqa: F401
+
+    from hubload.adapters import zoo_torch
+
+    model = zoo_torch.bert(**a["config"])
+    t = time.perf_counter()
+    sd = safetensors.torch.load_file(a["path"])
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    res = model.load_state_dict(sd, strict=False)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "missing": len(res.missing_keys), "unexpected": len(res.unexpected_keys)}
+
+
+def keras_load_baseline(a: dict[str, Any]) -> dict[str, Any]:
+    """numpy arrays already in Keras layout, then ``assign`` into the Keras twin (preparation not timed)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import safetensors.numpy
+
+    from hubload.adapters import zoo_keras
+    from hubload.adapters._keras_paths import keras_variable_paths
+    from hubload.layout import keras_name_to_canonical
+
+    model = zoo_keras.bert(**a["config"])
+    ckpt = {k.removeprefix("bert."): v for k, v in safetensors.numpy.load_file(a["path"]).items()}
+    pairs = []
+    for path, var in keras_variable_paths(model).items():
+        name, transform, _ = keras_name_to_canonical(path, tuple(var.shape))
+        if name in ckpt:
+            arr = ckpt[name]
+            if transform is not None:
+                arr = transform.inverse().apply(arr)
+            pairs.append((var, arr.copy()))  # contiguous, Keras layout, as a hand-written loader would hold
+    t = time.perf_counter()
+    for var, arr in pairs:
+        var.assign(arr)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "assigned": len(pairs), "variables": len(keras_variable_paths(model))}
+
+
+def meta_rss_baseline(a: dict[str, Any]) -> dict[str, Any]:
+    """Raw load of a large safetensors into a model built on ``meta`` (load_state_dict(assign=True)); RSS growth."""
+    import safetensors.torch
+    import torch
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(*[torch.nn.Linear(a["width"], a["width"], bias=False) for _ in range(a["layers"])])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    sd = safetensors.torch.load_file(a["path"])
+    model.load_state_dict(sd, assign=True)
+    # load_file maps the file lazily: touch every page (one float in 1024), as a forward pass would, so RSS shows it.
+    checksum = sum(float(p.detach().reshape(-1)[::1024].view(torch.int32).sum()) for p in model.parameters())
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": dt, "rss_growth": peak - before, "checkpoint": os.path.getsize(a["path"]), "checksum": checksum}
+
+
+def import_check(a: dict[str, Any]) -> dict[str, Any]:
+    """Which heavy frameworks ``import hubload`` pulls in."""
+    import hubload  # noqa: F401
+
+    return {"seconds": 0.0, "heavy": sorted(m for m in ("torch", "tensorflow", "numpy", "keras") if m in sys.modules)}
+
+
+OPS = {f.__name__: f for f in (hubload_pull, hf_download, hf_snapshot, hubload_warm, hf_warm, torch_load_baseline,
+                               keras_load_baseline, meta_rss_baseline, import_check)}
+
+if __name__ == "__main__":
+    result = OPS[sys.argv[1]](json.loads(sys.argv[2]))
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
