@@ -37,12 +37,12 @@ def _count_connects() -> list[int]:
 
 def hubload_pull(a: dict[str, Any]) -> dict[str, Any]:
     """Cold pull of a registry entry into an empty cache (module imports done first, as for the baselines)."""
-    import hubload.pull
+    import hubload.fetch
     import hubload.transfer  # noqa: F401 - imported lazily by pull; the baselines import their library too
     import huggingface_hub  # noqa: F401 - hubload's hf:// source imports it (config.hf_token); see README
 
     t = time.perf_counter()
-    out = hubload.pull.pull(a["model"], registry=a["registry"], cache_dir=a["cache"], progress=False,
+    out = hubload.fetch.pull(a["model"], registry=a["registry"], cache_dir=a["cache"], progress=False,
                             parallel=a.get("parallel"))
     dt = time.perf_counter() - t
     return {"seconds": dt, "bytes": sum(p.stat().st_size for p in out.values())}
@@ -69,23 +69,23 @@ def hf_snapshot(a: dict[str, Any]) -> dict[str, Any]:
 
 def hubload_warm(a: dict[str, Any]) -> dict[str, Any]:
     """``hubload.pull`` of a cached pinned entry, repeated; counts connection attempts."""
-    import hubload.pull
+    import hubload.fetch
     from hubload.cache import Cache
     from hubload.registry import load_registry
 
     reg = load_registry(a["registry"])
     cache = Cache(a["cache"])
     entry = reg.get(a["model"])
-    hubload.pull.pull_entry(entry, cache=cache)  # first call may create the snapshot links
+    hubload.fetch.pull_entry(entry, cache=cache)  # first call may create the snapshot links
     counter = _count_connects()
     n = a["n"]
     t = time.perf_counter()
     for _ in range(n):
-        hubload.pull.pull_entry(entry, cache=cache)
+        hubload.fetch.pull_entry(entry, cache=cache)
     dt = time.perf_counter() - t
     t2 = time.perf_counter()
     for _ in range(n):
-        hubload.pull.pull(a["model"], registry=reg, cache_dir=a["cache"])
+        hubload.fetch.pull(a["model"], registry=reg, cache_dir=a["cache"])
     dt2 = time.perf_counter() - t2
     return {"seconds": dt / n, "seconds_by_id": dt2 / n, "connects": counter[0], "calls": 2 * n}
 

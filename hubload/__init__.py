@@ -28,9 +28,6 @@ from .errors import (
     UnsafeCheckpointError,
 )
 
-from .convert import convert
-from .pull import pull, verify
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -62,25 +59,29 @@ __all__ = [
 
 logging.getLogger("hubload").addHandler(logging.NullHandler())
 
-# Public name -> module that defines it; imported on first attribute access (PEP 562). Functions that share
-# their module's name (pull, convert) are bound eagerly above: importing the submodule later would otherwise
-# rebind ``hubload.pull`` to the module.
+# Public name -> module that defines it; imported on first attribute access (PEP 562). No public function
+# shares its module's name: importing such a submodule would rebind the package attribute to the module.
 _LAZY = {
     "Cache": "cache",
     "CompatReport": "compat",
     "ModelEntry": "registry",
     "Registry": "registry",
     "check": "api",
+    "convert": "relayout",
     "inspect": "api",
     "load": "api",
     "load_registry": "registry",
+    "pull": "fetch",
+    "verify": "fetch",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import check, inspect, load
     from .cache import Cache
     from .compat import CompatReport
+    from .fetch import pull, verify
     from .registry import ModelEntry, Registry, load_registry
+    from .relayout import convert
 
 
 def __getattr__(name: str) -> Any:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-import platformdirs
 
 from hubload.errors import CacheError
 
@@ -57,8 +56,9 @@ def default_cache_dir() -> Path:
     Returns:
         The (not necessarily existing) cache root.
     """
-    env = os.environ.get("HUBLOAD_CACHE")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("hubload"))
+    from .config import cache_dir
+
+    return cache_dir()
 
 
 def cache_os_error(exc: OSError, path: str | os.PathLike[str], action: str) -> CacheError:
@@ -503,6 +503,10 @@ class Cache:
                 _unlink(tmp)
             raise cache_os_error(exc, dest, "linking") from exc
         return dest
+
+    def has_ref(self, model_id: str) -> bool:
+        """True when an index exists for ``model_id`` (one stat, no parsing)."""
+        return os.path.exists(self._ref_path(model_id))
 
     def read_ref(self, model_id: str) -> dict[str, Any] | None:
         """Read a model's index (``refs/<safe id>.json``).

@@ -18,6 +18,7 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -49,9 +50,7 @@ def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("HUBLOAD_CACHE")
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("hubload"))
+    return _platform_dir("cache")
 
 
 def config_dir() -> Path:
@@ -59,9 +58,15 @@ def config_dir() -> Path:
     env = os.environ.get("HUBLOAD_CONFIG")
     if env:
         return Path(env).expanduser()
+    return _platform_dir("config")
+
+
+@functools.lru_cache(maxsize=4)
+def _platform_dir(kind: str) -> Path:
+    """platformdirs' answer, computed once per process (it depends on XDG_* variables set at start)."""
     import platformdirs
 
-    return Path(platformdirs.user_config_dir("hubload"))
+    return Path(platformdirs.user_config_dir("hubload") if kind == "config" else platformdirs.user_cache_dir("hubload"))
 
 
 def user_registry_path() -> Path:
@@ -103,16 +108,26 @@ def hf_endpoint() -> str:
 
 
 def hf_token(explicit: str | bool | None = None) -> str | None:
-    """The Hub token: ``explicit`` (False disables), else ``HF_TOKEN``, else the saved login."""
+    """The Hub token: ``explicit`` (False disables), else ``HF_TOKEN``, else the saved login.
+
+    The saved login is read where ``hf auth login`` writes it (``HF_TOKEN_PATH``, else ``$HF_HOME/token``,
+    else ``~/.cache/huggingface/token``) without importing huggingface_hub, which would cost a warm pull
+    a quarter of a second.
+    """
     if explicit is False:
         return None
     if isinstance(explicit, str):
         return explicit
-    env = os.environ.get("HF_TOKEN")
+    env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if env:
-        return env
+        return env.strip() or None
+    path = os.environ.get("HF_TOKEN_PATH")
+    if not path:
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+        path = os.path.join(home, "token")
     try:
-        from huggingface_hub import get_token
-    except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
         return None
-    return get_token()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -614,6 +615,7 @@ def _load_file(path: Path) -> dict[str, ModelEntry]:
     return entries
 
 
+@functools.lru_cache(maxsize=1)
 def builtin_registry_path() -> Path:
     """The built-in registry shipped with hubload (checkout symlink or wheel copy)."""
     from importlib.resources import files

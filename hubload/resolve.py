@@ -227,7 +227,7 @@ def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool |
         if art.path is None or not (art.path.exists() or Path(str(art.path) + ".index").exists()):
             raise ModelNotFoundError(f"{art.label}: no such file or folder")
         return art
-    from .pull import pull_entry
+    from .fetch import pull_entry
 
     cache = cache or Cache()
     entry = art.entry
@@ -259,7 +259,7 @@ def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offl
     spec = entry.files[0]
     if not spec.path.endswith(".safetensors") or config.is_offline(offline):
         return None
-    from .pull import cached_files
+    from .fetch import cached_files
 
     if cached_files(entry, cache=cache or Cache()) is not None:
         return None

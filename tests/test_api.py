@@ -1,6 +1,6 @@
 """The framework-free half of the public API: what a ``source`` names, ``inspect``, and errors before any framework.
 
-Checkpoints here are written with numpy (``hubload.convert.write_safetensors``, ``np.savez``); servers are the
+Checkpoints here are written with numpy (``hubload.relayout.write_safetensors``, ``np.savez``); servers are the
 local fixtures from ``tests/servers.py``. Nothing here imports torch or TensorFlow.
 """
 
@@ -17,9 +17,9 @@ from click.testing import CliRunner
 import hubload
 from hubload.cache import Cache
 from hubload.cli import cli
-from hubload.convert import write_safetensors
+from hubload.relayout import write_safetensors
 from hubload.errors import HubloadError, ModelNotFoundError
-from hubload.pull import pull
+from hubload.fetch import pull
 from hubload.resolve import resolve_source
 from tests.servers import file_sha256
 
@@ -222,7 +222,7 @@ def test_api_paths_import_no_framework(st_file):
 
 def test_exported_functions_survive_submodule_imports():
     code = ("import hubload\n"
-            "import hubload.pull, hubload.convert\n"
+            "import hubload.fetch, hubload.relayout, hubload.api, hubload.resolve\n"
             "assert callable(hubload.pull) and callable(hubload.convert), (hubload.pull, hubload.convert)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import hubload
 from hubload.cli import cli
-from hubload.convert import convert, keras_leaf_hint, write_safetensors
+from hubload.relayout import convert, keras_leaf_hint, write_safetensors
 from hubload.errors import HubloadError
 from hubload.readers import open_checkpoint
 

@@ -39,7 +39,7 @@ from hubload.cache import Cache, sha256_file
 from hubload.cli import cli
 from hubload.errors import CheckpointError, HubloadError, RegistryError, UnsafeCheckpointError
 from hubload.layout import KERAS_RULES, from_canonical, to_canonical
-from hubload.pull import pull  # not hubload.pull: see test_public_pull_is_the_function_after_internal_imports
+from hubload.fetch import pull
 from hubload.readers import TensorInfo
 from hubload.registry import Registry, parse_registry
 
@@ -748,11 +748,8 @@ def test_file_source_with_a_host_is_refused():
         parse_registry(_swap("source: https://example.com/w/", "source: file://relative/dir"))
 
 
-@pytest.mark.xfail(strict=True, reason="hubload/__init__.py: once hubload.pull / hubload.convert are imported as "
-                   "submodules (hubload.load does that internally), the package attribute is the module and "
-                   "hubload.pull(...) raises TypeError: 'module' object is not callable")
 def test_public_pull_is_the_function_after_internal_imports():
-    code = ("import hubload, hubload.resolve, hubload.pull, hubload.convert\n"
+    code = ("import hubload, hubload.resolve, hubload.fetch, hubload.relayout, hubload.api\n"
             "assert callable(hubload.pull) and callable(hubload.convert), (hubload.pull, hubload.convert)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -28,7 +28,7 @@ def _probe(module: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["hubload", "hubload.cli", "hubload.pull", "hubload.registry",
+@pytest.mark.parametrize("module", ["hubload", "hubload.cli", "hubload.fetch", "hubload.registry",
                                     "hubload.sources", "hubload.cache", "hubload.errors"])
 def test_importing_the_core_loads_no_framework(module, record_property) -> None:
     result = _probe(module)

@@ -13,7 +13,7 @@ import yaml
 
 from hubload.cache import Cache
 from hubload.errors import DownloadError, HashMismatchError, HubloadError, OfflineError, RegistryError
-from hubload.pull import cached_files, pull
+from hubload.fetch import cached_files, pull
 from hubload.registry import load_registry
 from tests.servers import MINILM_COMMIT, MINILM_REPO_ID, Fault, FileServer, HubServer
 

@@ -20,7 +20,7 @@ import pytest
 
 from hubload.cache import Cache, sha256_file
 from hubload.errors import CacheError, DownloadError, HashMismatchError, ModelNotFoundError, OfflineError
-from hubload.pull import pull
+from hubload.fetch import pull
 from hubload.transfer import RetryPolicy
 from tests.servers import Fault, FileServer, HubServer
 from tests.test_pull import _data, _sha, published, write_registry

@@ -22,7 +22,7 @@ import pytest
 from hubload import transfer
 from hubload.cache import Cache
 from hubload.errors import CacheError, DownloadError, HubloadError, ModelNotFoundError, RegistryError
-from hubload.pull import pull
+from hubload.fetch import pull
 from hubload.registry import FileSpec, ModelEntry
 from tests.servers import FileServer, HubServer
 
@@ -323,7 +323,7 @@ def test_programmatic_entry_with_a_traversal_path_writes_nothing_outside(tmp_pat
     url = file_server.add("/w/x.bin", b"payload")
     entry = ModelEntry(id="m", source=url.rsplit("/", 1)[0] + "/",
                        files=(FileSpec(path, hashlib.sha256(b"payload").hexdigest()),), format="torch")
-    from hubload.pull import pull_entry
+    from hubload.fetch import pull_entry
 
     before = set((tmp_path).rglob("*"))
     with pytest.raises((HubloadError, ValueError)):

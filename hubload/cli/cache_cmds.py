@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..cache import Cache
-from ..pull import verify as verify_cached
+from ..fetch import verify as verify_cached
 from ._common import echo_json, human_size, registry_option
 
 

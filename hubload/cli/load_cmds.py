@@ -67,7 +67,7 @@ def inspect_cmd(source: str, registry: tuple[str, ...], as_json: bool, key: str 
 def convert_cmd(source: str, layout: str, out: str, registry: tuple[str, ...], key: str | None,
                 as_json: bool) -> None:
     """Re-lay SOURCE out for the torch or keras convention and write it as safetensors."""
-    from ..convert import convert
+    from ..relayout import convert
 
     summary = convert(source, layout=layout, out=out, registry=list(registry) or None, key=key)
     if as_json:

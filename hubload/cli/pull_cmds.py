@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..cache import Cache
-from ..pull import pull_entry
+from ..fetch import pull_entry
 from ..registry import load_registry
 from ._common import echo_json, human_size, registry_option
 

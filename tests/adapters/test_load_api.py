@@ -24,7 +24,7 @@ from click.testing import CliRunner  # noqa: E402
 import hubload  # noqa: E402
 from hubload.adapters import zoo_keras, zoo_torch  # noqa: E402
 from hubload.cli import cli  # noqa: E402
-from hubload.convert import convert  # noqa: E402
+from hubload.relayout import convert  # noqa: E402
 from hubload.errors import HubloadError, IncompatibleWeightsError, ModelNotFoundError  # noqa: E402
 from tests.servers import file_sha256  # noqa: E402
 

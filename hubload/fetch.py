@@ -1,4 +1,4 @@
-"""``hubload.pull``: resolve a registry entry, fetch its files through the transfer engine, and link them.
+"""``hubload.pull`` (this module is ``hubload.fetch``): resolve a registry entry, fetch its files, link them.
 
 A pull of a pinned entry whose files are cached makes zero network requests and hashes nothing: a blob's
 presence (with the right size) under ``blobs/`` means it was verified when it was published.
@@ -21,7 +21,7 @@ from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineEr
 from .registry import FileSpec, ModelEntry, RegistryArg, load_registry
 from .sources import ResolvedFile, resolve_file, resolve_hf_revision
 
-if TYPE_CHECKING:  # transfer imports requests: keep `import hubload.pull` light
+if TYPE_CHECKING:  # transfer imports requests: keep `import hubload.fetch` light
     from .transfer import RetryPolicy
 
 __all__ = ["cached_files", "pull", "pull_entry", "verify"]
@@ -196,7 +196,7 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
     hit = cached_files(entry, cache=cache, allow_unpinned=offline)
     if hit is not None:
         log.debug("model %r: cache hit, no network", entry.id)
-        if entry.pinned and cache.read_ref(entry.id) is None:
+        if entry.pinned and not cache.has_ref(entry.id):
             # The blobs came from another ID with the same files: record this ID too, so `cache ls` shows it
             # and `cache rm` of the other ID does not delete blobs this one still uses. A read-only shared
             # cache still serves the hit.

@@ -1,4 +1,4 @@
-"""``hubload convert``: re-lay a checkpoint out for the other convention and write it as safetensors.
+"""``hubload.convert`` (this module is ``hubload.relayout``): re-lay a checkpoint out for the other convention.
 
 torch → keras needs to know what each canonical ``weight`` is (a Dense/Conv kernel, a norm's gamma, an
 embedding table); a checkpoint alone does not say, so the rank and the name decide (documented in
