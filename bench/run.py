@@ -240,40 +240,61 @@ def _load_runs(ctx: Ctx) -> tuple[int]:
     return (1,) if ctx.quick else (3,)
 
 
-def load_torch(ctx: Ctx) -> list[Row]:
-    """(5) baseline measurable now; hubload.load pending."""
+def _minilm_args(ctx: Ctx, name: str) -> dict[str, Any]:
+    """A registry with the MiniLM file (pinned hf:// on nginx) and a cache that already holds it."""
+    rf = ctx.minilm
+    assert rf is not None
+    return {"model": "minilm", "registry": str(ctx.registry("minilm", [rf])), "cache": str(ctx.scratch(name)),
+            "config": MINILM_CONFIG, "path": str(MINILM)}
+
+
+def _load_row(ctx: Ctx, rid: str, title: str, ours: str, base: str, target: float, base_desc: str) -> Row:
+    """Interleave hubload and baseline children; ratio = hubload median / baseline median (lower is better)."""
     env = ctx.env()
-    b = repeat(ctx, lambda _: child("torch_load_baseline", {"path": str(MINILM), "config": MINILM_CONFIG}, env),
-               *_load_runs(ctx), warm=not ctx.quick)
-    return [Row("5", "load all-MiniLM-L6-v2 into torch twin (cached)", "pending hubload.load",
-                f"{med(b) * 1e3:.1f} ms (load_file + load_state_dict)", None, "<= 1.1x", None,
-                note=f"baseline missing/unexpected keys: {b[0]['missing']}/{b[0]['unexpected']}", raw={"baseline": b})]
+    args = _minilm_args(ctx, f"load-{rid}")
+    runs = _load_runs(ctx)[0]
+    if not ctx.quick:
+        child(ours, args, env), child(base, args, env)
+    h, b = [], []
+    for _ in range(runs):
+        h.append(child(ours, args, env))
+        b.append(child(base, args, env))
+    hs, bs = med(h), med(b)
+    ratio = hs / bs
+    return Row(rid, title, f"{hs * 1e3:.1f} ms ({h[0]['matched']} tensors, report ok={h[0]['ok']})",
+               f"{bs * 1e3:.1f} ms ({base_desc})", ratio, f"<= {target}x", ratio <= target,
+               note="ratio = hubload time / baseline time", raw={"hubload": h, "baseline": b})
+
+
+def load_torch(ctx: Ctx) -> list[Row]:
+    """(5) hubload.load into the torch twin vs safetensors.torch.load_file + load_state_dict."""
+    return [_load_row(ctx, "5", "load all-MiniLM-L6-v2 into torch twin (cached)", "torch_load_hubload",
+                      "torch_load_baseline", 1.1, "load_file + load_state_dict")]
 
 
 def load_keras(ctx: Ctx) -> list[Row]:
-    """(6) baseline measurable now; hubload.load pending."""
-    env = ctx.env()
-    b = repeat(ctx, lambda _: child("keras_load_baseline", {"path": str(MINILM), "config": MINILM_CONFIG}, env),
-               *_load_runs(ctx), warm=not ctx.quick)
-    return [Row("6", "load all-MiniLM-L6-v2 into Keras twin (cached, torch layout)", "pending hubload.load",
-                f"{med(b) * 1e3:.1f} ms (assign, Keras-layout numpy)", None, "<= 1.3x", None,
-                note=f"baseline assigned {b[0]['assigned']} of {b[0]['variables']} variables", raw={"baseline": b})]
+    """(6) hubload.load into the Keras twin (torch layout, transposes included) vs assign of ready arrays."""
+    return [_load_row(ctx, "6", "load all-MiniLM-L6-v2 into Keras twin (cached, torch layout)", "keras_load_hubload",
+                      "keras_load_baseline", 1.3, "assign of Keras-layout numpy arrays")]
 
 
 def meta_rss(ctx: Ctx) -> list[Row]:
-    """(7) baseline measurable now; hubload.load pending."""
+    """(7) peak RSS growth of hubload.load into a model on ``meta`` vs the raw load, both relative to the file."""
     width = 4096
     layers = 4 if ctx.quick else 16  # 64 MiB of float32 per layer
     path = ctx.work / "data" / "meta.safetensors"
     if not path.exists():
         _write_safetensors(path, width, layers)
     env = ctx.env()
-    b = repeat(ctx, lambda _: child("meta_rss_baseline", {"path": str(path), "width": width, "layers": layers}, env),
-               *_load_runs(ctx), warm=not ctx.quick)
-    growth = med(b, "rss_growth") / b[0]["checkpoint"]
-    return [Row("7", f"load {b[0]['checkpoint'] >> 20} MiB checkpoint into torch, model on meta: peak RSS growth",
-                "pending hubload.load", f"{growth:.2f}x checkpoint (load_file + assign)", None, "<= 1.1x checkpoint",
-                None, raw={"baseline": b})]
+    args = {"path": str(path), "width": width, "layers": layers}
+    runs = _load_runs(ctx)[0]
+    h = [child("meta_rss_hubload", args, env) for _ in range(runs)]
+    b = [child("meta_rss_baseline", args, env) for _ in range(runs)]
+    size = b[0]["checkpoint"]
+    hg, bg = med(h, "rss_growth") / size, med(b, "rss_growth") / size
+    return [Row("7", f"load {size >> 20} MiB checkpoint into torch, model on meta: peak RSS growth",
+                f"{hg:.2f}x checkpoint", f"{bg:.2f}x checkpoint (load_file + assign)", hg / bg, "<= 1.1x checkpoint",
+                hg <= 1.1, raw={"hubload": h, "baseline": b})]
 
 
 def _write_safetensors(path: Path, width: int, layers: int) -> None:
@@ -301,10 +322,21 @@ def check_command(ctx: Ctx) -> list[Row]:
     curl_get(ctx.server.endpoint + rf.uri, ctx.scratch("curl") / "file")
     time.sleep(0.2)
     full = sum(int(line.split()[3]) for line in ctx.server.log_lines()[before:])
-    # NOT IMPLEMENTED YET: the lead wires `hubload check` here (run it against ctx.server with an empty cache,
-    # sum body bytes of its requests from ctx.server.log_lines() as above, target <= 200 KB).
-    return [Row("8", "`hubload check` of uncached 90 MB safetensors: bytes transferred", "not implemented yet",
-                f"{full:,} B (full download)", None, "<= 200 KB", None, raw={"baseline_bytes": full})]
+    reg = ctx.work / "registry-minilm-arch.yaml"
+    entry = {"source": f"hf://{rf.repo}", "revision": rf.commit, "format": "safetensors",
+             "files": [{"path": rf.path, "sha256": rf.sha256, "size": rf.size}],
+             "architecture": {"torch": "hubload.adapters.zoo_torch:bert"}, "config": MINILM_CONFIG}
+    reg.write_text(json.dumps({"version": 1, "models": {"minilm": entry}}))
+    env = {**ctx.env(), "HUBLOAD_CACHE": str(ctx.scratch("check-cache"))}
+    before = len(ctx.server.log_lines())
+    proc = subprocess.run([PY, "-m", "hubload", "check", "minilm", "--framework", "torch", "--registry", str(reg)],
+                          env=env, capture_output=True, text=True)
+    time.sleep(0.2)
+    sent = sum(int(line.split()[3]) for line in ctx.server.log_lines()[before:])
+    verdict = proc.stdout.splitlines()[0] if proc.stdout else proc.stderr.strip()[-200:]
+    return [Row("8", "`hubload check` of uncached 90 MB safetensors: bytes transferred", f"{sent:,} B",
+                f"{full:,} B (full download)", sent / full, "<= 200 KB", proc.returncode == 0 and sent <= 200_000,
+                note=f"exit {proc.returncode}: {verdict}", raw={"hubload_bytes": sent, "baseline_bytes": full})]
 
 
 def import_time(ctx: Ctx) -> list[Row]:
