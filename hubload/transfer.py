@@ -12,8 +12,10 @@ Robustness, in order of what goes wrong in practice:
   the Range (200), answers 416, or whose ETag changed restarts cleanly from byte 0;
 * connection errors, timeouts, resets, 5xx and 429 (honouring ``Retry-After``) retry with capped
   exponential backoff and jitter, each retry resuming from the bytes already written; other 4xx fail at once;
+  a server nobody answers for (refused, no DNS) before any byte arrived fails fast with ``OfflineError``;
 * redirects are followed by hand so ``Authorization`` only ever goes to ``auth_host``;
-* large files can be fetched with parallel ranged requests into one preallocated file.
+* large files can be fetched with parallel ranged requests into one preallocated file; each range's progress
+  is recorded, so a killed parallel download resumes every range where it stopped.
 
 Resuming in a *new* process re-hashes the partial prefix once (``hashlib`` state cannot be saved);
 retries inside one process keep the running hash and never re-read anything.
@@ -64,12 +66,13 @@ PIPELINE_BUFFERS = 6                  # buffers in flight in one stream (reading
 PARALLEL_MIN_SIZE = 64 * 1024 * 1024  # smaller files are not worth several connections
 SEGMENT_SIZE = 16 * 1024 * 1024       # smallest unit of work of a parallel download
 SEGMENT_MAX = 64 * 1024 * 1024        # largest
-CHECKPOINT_BYTES = 64 * 1024 * 1024   # record a parallel download's progress this often
+CHECKPOINT_SECONDS = 1.0              # record a parallel download's per-range progress this often (and per range)
 PROBE_MIN_SIZE = 256 * 1024 * 1024    # files this large start as one stream and split only if it proves slow
 PROBE_SECONDS = 0.3                   # how long that first stream is timed
 STREAM_FAST = 256 * 1024 * 1024       # bytes/s from which one stream is kept: the client's CPU, not the link, is
                                       # then the limit, and more connections would only compete for it
 MAX_REDIRECTS = 10
+UNREACHABLE_ATTEMPTS = 2              # connection refused / DNS failure before any byte came: give up this soon
 _META_VERSION = 1
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
@@ -117,10 +120,12 @@ DEFAULT_RETRY = RetryPolicy()
 class _Transient(Exception):
     """A failure worth retrying (network, 5xx, 429, short/long body)."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False,
+                 unreachable: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.connect = connect  # never got an HTTP response at all
+        self.unreachable = unreachable  # refused, no route or no DNS: nothing is listening, waiting rarely helps
 
 
 class _Restart(Exception):
@@ -143,6 +148,23 @@ _NETWORK_ERRORS = (
     TimeoutError,
     socket.timeout,
 )
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a connection error means nobody answered: refused, no route to the host, or DNS failed."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        # NameResolutionError is a NewConnectionError; a connect *timeout* is not (a slow link may recover).
+        if isinstance(cur, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError, socket.gaierror)):
+            return True
+        if isinstance(cur, urllib3.exceptions.MaxRetryError):
+            cur = cur.reason
+            continue
+        wrapped = cur.args[0] if cur.args and isinstance(cur.args[0], BaseException) else None
+        cur = wrapped or cur.__cause__ or cur.__context__
+    return False
 
 
 def redact_url(url: str) -> str:
@@ -237,14 +259,19 @@ class _Job:
 
 @dataclass
 class _State:
-    """Progress of one transfer: the contiguous verified-so-far prefix of the partial file."""
+    """Progress of one transfer: the contiguous verified-so-far prefix of the partial file.
+
+    A parallel download also tracks ``segments``: each range's start mapped to the end of what its worker has
+    written so far (not yet hashed), so a resumed run continues every range instead of the prefix only.
+    """
 
     offset: int = 0
     hasher: Any = field(default_factory=hashlib.sha256)
     etag: str | None = None
     resumed_from_disk: int = 0
     preallocated: bool = False
-    last_checkpoint: int = 0
+    segments: dict[int, int] | None = None
+    received: bool = False  # any byte of the body arrived during this call (the server is reachable)
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -269,7 +296,7 @@ def _open(job: _Job, extra: Mapping[str, str] | None = None) -> tuple[requests.R
                                 url=job.url, model_id=job.model_id) from None
         except _NETWORK_ERRORS as exc:
             raise _Transient(f"cannot connect: {type(exc).__name__}: {exc}",
-                             connect=isinstance(exc, requests.ConnectionError)) from None
+                             connect=isinstance(exc, requests.ConnectionError), unreachable=_unreachable(exc)) from None
         if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
             nxt = urljoin(url, resp.headers["Location"])
             resp.close()
@@ -315,11 +342,48 @@ def _raise_for_status(job: _Job, resp: requests.Response) -> None:
 # ---------------------------------------------------------------------------------------------- resume state
 def _write_meta(job: _Job, state: _State, *, durable: bool = True) -> None:
     """Record what the partial file is, so a later process can resume it safely."""
-    atomic_write_json(job.meta, durable=durable, data={
+    data: dict[str, Any] = {
         "version": _META_VERSION, "url": redact_url(job.url), "sha256": job.sha256, "size": job.size,
         "etag": state.etag, "bytes_done": state.offset, "preallocated": state.preallocated,
         "model_id": job.model_id, "file": job.file, "updated_at": time.time(),
-    })
+    }
+    if state.preallocated and state.segments:
+        # dict() is one atomic copy while range workers keep updating the values.
+        data["segments"] = {str(a): w for a, w in dict(state.segments).items()}
+    atomic_write_json(job.meta, durable=durable, data=data)
+
+
+def _load_segments(raw: Any, size: int | None, prefix: int) -> dict[int, int] | None:
+    """Validate recorded ``{start: written_end}`` ranges (their sorted starts are the boundaries); None if unusable."""
+    if not isinstance(raw, dict) or not raw or size is None:
+        return None
+    try:
+        items = sorted((int(a), int(w)) for a, w in raw.items())
+    except (TypeError, ValueError):
+        return None
+    starts = [a for a, _ in items]
+    if starts[0] > prefix:  # bytes between the prefix and the first range would never be fetched
+        return None
+    segments: dict[int, int] = {}
+    for (a, w), b in zip(items, [*starts[1:], size]):
+        if not (0 <= a < b and a <= w <= b):
+            return None
+        segments[a] = w
+    return segments
+
+
+def _segments_from(segments: dict[int, int], offset: int, size: int) -> dict[int, int]:
+    """The ranges still to hash from ``offset`` on; the one containing ``offset`` is cut to start there."""
+    starts = sorted(segments)
+    out: dict[int, int] = {}
+    for a, b in zip(starts, [*starts[1:], size]):
+        if b <= offset:
+            continue
+        if a < offset:
+            out[offset] = max(segments[a], offset)
+        else:
+            out[a] = segments[a]
+    return out
 
 
 def _load_state(job: _Job) -> _State:
@@ -338,16 +402,31 @@ def _load_state(job: _Job) -> _State:
         # Without a digest, only an ETag (sent as If-Range) tells us the bytes are still the same file.
         and (job.sha256 is not None or bool(meta.get("etag")))
     )
+    segments = None
     if ok and meta.get("preallocated"):
-        # A parallel run preallocates the file: only the hashed prefix it recorded is known good.
+        # A parallel run preallocates the file: the hashed prefix it recorded is known good, and each range's
+        # recorded written end is on disk too (or, after a power cut, caught by the final digest).
+        file_size = have
         have = min(have, int(meta.get("bytes_done") or 0))
+        if file_size == job.size:
+            segments = _load_segments(meta.get("segments"), job.size, have)
     if not ok or (job.size is not None and have > job.size):
-        have = 0
+        have, segments = 0, None
     try:
         with open(job.part, "ab") as f:  # create if missing; drop anything past the resume point
-            f.truncate(have)
+            if segments is None:
+                f.truncate(have)
     except OSError as exc:
         raise cache_os_error(exc, job.part, "writing") from exc
+    if segments is not None and job.size is not None:
+        state.segments = _segments_from(segments, have, job.size)
+        state.preallocated = True
+        in_ranges = sum(w - a for a, w in state.segments.items())
+        state.resumed_from_disk = have + in_ranges
+        state.etag = meta.get("etag") if isinstance(meta, dict) else None
+        if in_ranges:
+            logger.info("hubload: resuming %s: %d bytes in order plus %d bytes in %d ranges", job.where, have,
+                        in_ranges, len(state.segments))
     if have:
         logger.info("hubload: resuming %s at byte %d (re-hashing the partial prefix once)", job.where, have)
         with open(job.part, "rb", buffering=0) as f:
@@ -358,7 +437,7 @@ def _load_state(job: _Job) -> _State:
                 state.hasher.update(view[:n])
                 left -= n
         state.offset = have
-        state.resumed_from_disk = have
+        state.resumed_from_disk = max(state.resumed_from_disk, have)
         state.etag = meta.get("etag") if isinstance(meta, dict) else None
     return state
 
@@ -374,20 +453,19 @@ def _reset(job: _Job, state: _State) -> None:
     state.hasher = hashlib.sha256()
     state.resumed_from_disk = 0
     state.preallocated = False
-    state.last_checkpoint = 0
+    state.segments = None
     if job.bar is not None:
         job.bar.reset(total=job.size)
 
 
 def _checkpoint(job: _Job, state: _State) -> None:
-    """Record ``bytes_done`` of a parallel download (no fsync: the final hash catches a torn prefix, see below).
+    """Record a parallel download's ``bytes_done`` and per-range progress (no fsync: see below).
 
-    A crash can leave the metadata claiming bytes the disk never got; the resumed prefix is then re-hashed and
-    fails verification, and the one clean retry from byte 0 in :func:`_transfer` handles it. Syncing 64 MiB
-    every checkpoint cost more than the whole transfer on a fast link; one fsync before publish keeps the
-    published blob crash-safe.
+    A crash can leave the metadata claiming bytes the disk never got; the resumed file then fails
+    verification, and the one clean retry from byte 0 in :func:`_transfer` handles it. A SIGKILL loses nothing
+    that was written (the page cache survives the process). Syncing every checkpoint cost more than the whole
+    transfer on a fast link; one fsync before publish keeps the published blob crash-safe.
     """
-    state.last_checkpoint = state.offset
     _write_meta(job, state, durable=False)
 
 
@@ -559,6 +637,7 @@ def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, prob
                 free.put(buf)
                 raise _Restart(f"server sent more than the expected {limit} bytes")
             if got:
+                state.received = True
                 to_write.put((buf, received, got))
                 received += got
             else:
@@ -592,6 +671,11 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
     Workers ``pwrite`` their segments; this thread hashes the file in order as contiguous bytes complete,
     re-reading just-written data from the page cache (one memory copy, no disk read in practice) so memory
     stays bounded to one chunk per worker. Raises ``_NoRanges`` if the server ignores Range.
+
+    ``state.segments`` (start -> written end) is the plan: reused as is when resuming (from disk or after a
+    retry), so each range continues after its written bytes; the hasher reads every segment from its start,
+    which also hashes the bytes an earlier run left in it. The progress is checkpointed about every
+    ``CHECKPOINT_SECONDS`` and whenever a range completes.
     """
     if job.size is None:
         raise _NoRanges()
@@ -605,13 +689,19 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
     except OSError as exc:
         raise cache_os_error(exc, job.part, "preallocating") from exc
     state.preallocated = True
+    if state.segments and min(state.segments) <= state.offset:
+        state.segments = _segments_from(state.segments, state.offset, size)
+    else:
+        # Fewer, larger segments on big files (each request costs a round trip and a new connection), but at
+        # least 4 per worker so a slow connection cannot hold up the end for long.
+        seg = min(max(SEGMENT_SIZE, -(-(size - state.offset) // (workers * 4))), max(SEGMENT_SIZE, SEGMENT_MAX))
+        state.segments = {a: a for a in range(state.offset, size, seg)}
+    starts = sorted(state.segments)
+    segments = list(zip(starts, [*starts[1:], size]))
     _write_meta(job, state)
 
-    # Fewer, larger segments on big files (each request costs a round trip and a new connection), but at least
-    # 4 per worker so a slow connection cannot hold up the end for long.
-    seg = min(max(SEGMENT_SIZE, -(-(size - state.offset) // (workers * 4))), max(SEGMENT_SIZE, SEGMENT_MAX))
-    segments = [(a, min(a + seg, size)) for a in range(state.offset, size, seg)]
     done: dict[int, int] = {}  # segment start -> end, once fully written
+    landed = [0]  # segments fully written so far; each one triggers a checkpoint
     cond = threading.Condition()
     next_seg = [0]
     errors: list[BaseException] = []
@@ -631,9 +721,10 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
                         return
                     a, b = segments[next_seg[0]]
                     next_seg[0] += 1
-                _fetch_segment(sub, etag, fd, a, b)
+                _fetch_segment(sub, state, etag, fd, a, b)
                 with cond:
                     done[a] = b
+                    landed[0] += 1
                     cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - reported to the hashing thread
             with cond:
@@ -649,31 +740,37 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
         t.start()
     buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
+    saved_landed, saved_at = 0, time.monotonic()
     try:
         while state.offset < size:
             with cond:
-                while not errors and state.offset not in done:
-                    cond.wait(0.5)
-                if errors and state.offset not in done:
+                if not errors and state.offset not in done:
+                    cond.wait(CHECKPOINT_SECONDS / 4)  # wake up now and then to checkpoint a slow download
+                ready = state.offset in done
+                if errors and not ready:
                     raise errors[0]
-                end = done.pop(state.offset)
-            pos = state.offset
-            while pos < end:
-                n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos) if hasattr(os, "preadv") else \
-                    _pread_into(fd, view[: min(len(buf), end - pos)], pos)
-                if n <= 0:
-                    raise _Restart("partial file shorter than written data")
-                state.hasher.update(view[:n])
-                pos += n
-                if job.bar is not None:
-                    job.bar.update(n)
-            state.offset = end
-            state.etag = etag[0]  # recorded with the next checkpoint, for If-Range on resume
-            with cond:
-                hashed_seg[0] += 1
-                cond.notify_all()
-            if state.offset - state.last_checkpoint >= CHECKPOINT_BYTES:
+                end = done.pop(state.offset) if ready else None
+                now_landed = landed[0]
+            if end is not None:
+                pos = state.offset
+                while pos < end:
+                    n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos) if hasattr(os, "preadv") else \
+                        _pread_into(fd, view[: min(len(buf), end - pos)], pos)
+                    if n <= 0:
+                        raise _Restart("partial file shorter than written data")
+                    state.hasher.update(view[:n])
+                    pos += n
+                    if job.bar is not None:
+                        job.bar.update(n)
+                state.offset = end
+                with cond:
+                    hashed_seg[0] += 1
+                    cond.notify_all()
+            if now_landed != saved_landed or time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
+                state.etag = etag[0]  # the version every recorded byte belongs to, for If-Range on resume
                 _checkpoint(job, state)
+                saved_landed, saved_at = now_landed, time.monotonic()
+        state.etag = etag[0]
     finally:
         with cond:
             if state.offset < size:
@@ -701,10 +798,13 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> int:
     return len(data)
 
 
-def _fetch_segment(job: _Job, etag: list[str | None], fd: int, a: int, b: int) -> None:
-    """Fetch bytes ``[a, b)`` into the file at ``a``; retries resume inside the segment."""
+def _fetch_segment(job: _Job, state: _State, etag: list[str | None], fd: int, a: int, b: int) -> None:
+    """Fetch bytes ``[a, b)`` into the file at ``a``, from ``state.segments[a]`` on; retries resume inside it.
+
+    ``state.segments[a]`` advances after each write, so a checkpoint (or a later run) knows what is on disk.
+    """
     view = _buffer()
-    pos = a
+    pos = min(max(state.segments.get(a, a) if state.segments else a, a), b)
     failures = 0
     while pos < b:
         before = pos
@@ -725,19 +825,24 @@ def _fetch_segment(job: _Job, etag: list[str | None], fd: int, a: int, b: int) -
                 body = _Body(resp.raw)
                 try:
                     while pos < b:
-                        n = body.fill(view[: min(len(view), b - pos)])
+                        # On a slow link, write at least every 0.25 s: what is written is what a resume keeps.
+                        n = body.fill(view[: min(len(view), b - pos)], deadline=time.monotonic() + 0.25)
                         if not n:
                             raise _Transient(f"range {a}-{b - 1} ended at byte {pos} (truncated)")
+                        state.received = True
                         try:
                             _pwrite_all(fd, view[:n], pos)
                         except OSError as exc:
                             raise cache_os_error(exc, job.part, "writing") from exc
                         pos += n
+                        if state.segments is not None:
+                            state.segments[a] = pos
                 except _NETWORK_ERRORS as exc:
                     raise _Transient(f"connection lost in range {a}-{b - 1}: {type(exc).__name__}: {exc}") from None
         except _Transient as exc:
             failures = 1 if pos > before else failures + 1
-            if failures >= job.retries.attempts:
+            # Nothing listening and nothing received yet: let _transfer's short give-up rule decide.
+            if failures >= job.retries.attempts or (exc.unreachable and not state.received):
                 raise
             job.retries.sleep(job.retries.delay(failures, exc.retry_after))
 
@@ -750,6 +855,7 @@ def _transfer(job: _Job, parallel: int) -> Path:
     cache._mkdir(cache.partial_dir)
     state = _load_state(job)
     failures = 0
+    unreachable = 0  # consecutive "nobody is listening" failures before any byte arrived
     restarts = 0
     # Parallel ranges need a digest to check against: without one, segments of two versions of a file that
     # changed mid-download could be spliced together undetected.
@@ -757,7 +863,8 @@ def _transfer(job: _Job, parallel: int) -> Path:
                     and bool(job.sha256 or job.sha256_prefix))
     # A big file first streams on one connection; if that is fast, ranges would only add CPU work (localhost,
     # LAN); if it is slow (a CDN capping each connection) the rest is split into ranges.
-    probe = use_parallel and job.size is not None and job.size >= PROBE_MIN_SIZE
+    # A resumed parallel download goes straight back to its ranges.
+    probe = use_parallel and job.size is not None and job.size >= PROBE_MIN_SIZE and not state.segments
     if job.bar is not None:
         job.bar.reset(total=job.size)
         job.bar.update(state.offset)
@@ -773,6 +880,8 @@ def _transfer(job: _Job, parallel: int) -> Path:
                     if use_parallel and not probe:
                         _parallel(job, state, f, parallel)
                     else:
+                        if state.preallocated:
+                            _drop_ranges(job, state, f)
                         f.seek(state.offset)
                         try:
                             _stream(job, state, f, probe=probe)
@@ -811,8 +920,18 @@ def _transfer(job: _Job, parallel: int) -> Path:
             except _Transient as exc:
                 # A flaky link that still makes progress should finish the file, not burn the attempts.
                 failures = 1 if state.offset - before >= (1 << 20) else failures + 1
+                # Refused / no DNS with no byte ever received: the server is down or the machine offline, and
+                # the whole backoff schedule would only make the user wait; once more after a short pause.
+                unreachable = unreachable + 1 if exc.unreachable and not state.received else 0
                 with suppress(OSError):
                     _write_meta(job, state)
+                if unreachable >= UNREACHABLE_ATTEMPTS:
+                    kept = " (the partial download is kept for the next attempt)" if state.resumed_from_disk else ""
+                    raise OfflineError(
+                        f"{job.where}: the server is unreachable ({exc}); gave up after {unreachable} attempts"
+                        f"{kept}. Check the network and the server address (HF_ENDPOINT, the registry URL), "
+                        "or use offline mode with a cached copy.",
+                        url=job.url, model_id=job.model_id) from None
                 if failures >= job.retries.attempts:
                     cls = OfflineError if exc.connect and state.offset == 0 else DownloadError
                     hint = ("the server is unreachable; check the network or use offline mode with a "
@@ -820,7 +939,7 @@ def _transfer(job: _Job, parallel: int) -> Path:
                             "run the command again to resume from the bytes already downloaded")
                     raise cls(f"{job.where}: failed after {failures} attempts: {exc}; {hint}.",
                               url=job.url, model_id=job.model_id) from None
-                wait = job.retries.delay(failures, exc.retry_after)
+                wait = job.retries.delay(unreachable or failures, exc.retry_after)
                 logger.info("hubload: %s: %s; retrying in %.1fs (attempt %d of %d)",
                             job.where, exc, wait, failures + 1, job.retries.attempts)
                 job.retries.sleep(wait)
@@ -832,6 +951,16 @@ def _transfer(job: _Job, parallel: int) -> Path:
     finally:
         if not f.closed:
             f.close()
+
+
+def _drop_ranges(job: _Job, state: _State, f: Any) -> None:
+    """Before one stream continues a preallocated file: keep only the hashed prefix, as a stream expects."""
+    try:
+        f.truncate(state.offset)
+    except OSError as exc:
+        raise cache_os_error(exc, job.part, "writing") from exc
+    state.preallocated = False
+    state.segments = None
 
 
 def _digest_ok(job: _Job, digest: str) -> bool:
@@ -1010,6 +1139,7 @@ def fetch_range(
         model_id=model_id, file=file, retries=retries, session=session or requests.Session(), timeout=timeout,
     )
     failures = 0
+    unreachable = 0
     try:
         while True:
             try:
@@ -1019,11 +1149,14 @@ def fetch_range(
                 return b""
             except _Transient as exc:
                 failures += 1
-                if failures >= retries.attempts:
+                unreachable = unreachable + 1 if exc.unreachable else 0  # see _transfer: fail fast when down
+                if failures >= retries.attempts or unreachable >= UNREACHABLE_ATTEMPTS:
                     cls = OfflineError if exc.connect else DownloadError
+                    hint = (" The server is unreachable; check the network and the server address, or use "
+                            "offline mode with a cached copy." if cls is OfflineError else "")
                     raise cls(f"{job.where}: reading bytes {start}-{end - 1} failed after {failures} attempts: "
-                              f"{exc}.", url=url, model_id=model_id or None) from None
-                retries.sleep(retries.delay(failures, exc.retry_after))
+                              f"{exc}.{hint}", url=url, model_id=model_id or None) from None
+                retries.sleep(retries.delay(unreachable or failures, exc.retry_after))
     finally:
         if own_session:
             job.session.close()

@@ -93,10 +93,7 @@ def _kill_when_sent(proc: subprocess.Popen, hub: HubServer, nbytes: int) -> None
 
 @pytest.mark.parametrize("parallel", [
     "1",
-    pytest.param(None, marks=pytest.mark.xfail(strict=True, reason=(
-        "transfer.py: a parallel (ranged) download records its resume point only every CHECKPOINT_BYTES=64 MiB "
-        "of *contiguous hashed* prefix, and segments progress side by side, so a SIGKILL half-way through the "
-        "87 MiB file leaves bytes_done=0 and the next pull downloads everything again"))),
+    None,
 ], ids=["single-stream", "default-parallel"])
 def test_pull_killed_half_way_resumes_with_a_range_request_and_verifies(
         minilm_hub, minilm_sha256, cache, parallel) -> None:

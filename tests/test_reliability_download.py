@@ -21,7 +21,7 @@ import pytest
 from hubload.cache import Cache, sha256_file
 from hubload.errors import CacheError, DownloadError, HashMismatchError, ModelNotFoundError, OfflineError
 from hubload.fetch import pull
-from hubload.transfer import RetryPolicy
+from hubload.transfer import UNREACHABLE_ATTEMPTS, RetryPolicy
 from tests.servers import Fault, FileServer, HubServer
 from tests.test_pull import _data, _sha, published, write_registry
 
@@ -388,7 +388,7 @@ def test_server_down_cached_entries_load_and_misses_fail_after_a_bounded_number_
     assert pull("w", registry=reg, retries=retries)["w.safetensors"].read_bytes() == data
     with pytest.raises(OfflineError, match="x.safetensors"):
         pull("x", registry=reg, retries=retries)
-    assert len(sleeps.calls) == retries.attempts - 1  # bounded: no long retry loop
+    assert len(sleeps.calls) == UNREACHABLE_ATTEMPTS - 1  # server down: fail fast, no long retry loop
     with pytest.raises(OfflineError, match="floating"):
         pull("floating", registry=reg, retries=retries)
     assert_sound(cache)

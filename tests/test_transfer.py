@@ -317,13 +317,66 @@ def test_404_and_401_fail_fast_without_retries(hub_server, cache, policy, sleeps
     assert path.read_bytes() == b"abc"
 
 
-def test_unreachable_server_is_an_offline_error(cache, policy, sleeps) -> None:
+def _dead_url() -> str:
+    """A URL on a local port nothing listens on (connection refused)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again at once: nothing listens there
+    return f"http://127.0.0.1:{port}/w.bin"
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_unreachable_server_fails_fast_with_an_offline_error(cache, policy, sleeps, small_parallel,
+                                                             parallel) -> None:
+    url = _dead_url()
+    with pytest.raises(OfflineError, match="unreachable") as info:
+        download(url, cache, sha256="0" * 64, size=3_000_000, retries=policy, parallel=parallel,
+                 model_id="acme/w", file="w.bin")
+    assert all(s in str(info.value) for s in ("acme/w", "w.bin", url, "2 attempts"))
+    # Two attempts, one short pause between them: not the whole backoff schedule.
+    assert len(sleeps.calls) == transfer.UNREACHABLE_ATTEMPTS - 1
+    assert max(sleeps.calls) <= policy.base_delay
+    assert _nothing_published(cache)
+
+
+def test_dns_failure_fails_fast_and_fetch_range_too(cache, policy, sleeps, monkeypatch) -> None:
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     with pytest.raises(OfflineError, match="unreachable"):
-        download(f"http://127.0.0.1:{port}/w.bin", cache, sha256="0" * 64, size=1, retries=policy)
+        download("http://hub.invalid/w.bin", cache, sha256="0" * 64, size=1, retries=policy)
+    assert len(sleeps.calls) == 1
+    with pytest.raises(OfflineError, match="unreachable"):
+        fetch_range("http://hub.invalid/w.bin", 0, 8, retries=policy)
+    assert len(sleeps.calls) == 2
+
+
+def test_a_connect_timeout_keeps_the_full_retry_policy(cache, policy, sleeps, monkeypatch) -> None:
+    def slow_dns(*args, **kwargs):
+        raise socket.timeout("timed out")  # urllib3 reports this as a connect timeout, not "refused"
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    with pytest.raises(OfflineError):
+        download("http://hub.example/w.bin", cache, sha256="0" * 64, size=1, retries=policy)
     assert len(sleeps.calls) == policy.attempts - 1
+
+
+def test_a_server_that_sent_bytes_then_went_down_gets_the_full_retry_policy(file_server, blob3, cache) -> None:
+    url, data, sha = blob3
+    file_server.inject("/w.bin", Fault("truncate", after=500_000))
+    calls: list[float] = []
+
+    def sleep_and_stop(seconds: float) -> None:  # the server dies after the first (partial) response
+        calls.append(seconds)
+        file_server.stop()
+
+    policy = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05, sleep=sleep_and_stop)
+    with pytest.raises(DownloadError, match="resume") as info:
+        download(url, cache, sha256=sha, size=len(data), retries=policy)
+    assert not isinstance(info.value, OfflineError)
+    assert len(calls) == policy.attempts - 1
+    assert cache.partial_path(sha).stat().st_size == 500_000  # kept for the next run
 
 
 def test_offline_miss_fails_at_once(file_server, blob3, cache) -> None:
@@ -457,7 +510,6 @@ def small_parallel(monkeypatch) -> None:
     """Make the parallel path kick in for a few-MB file, with small segments."""
     monkeypatch.setattr(transfer, "PARALLEL_MIN_SIZE", 1_000_000)
     monkeypatch.setattr(transfer, "SEGMENT_SIZE", 300_000)
-    monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 1_000_000)
 
 
 def test_parallel_ranges_download_correctly(file_server, blob3, cache, policy, small_parallel) -> None:
@@ -504,6 +556,126 @@ def test_parallel_resume_uses_only_the_recorded_hashed_prefix(file_server, blob3
     path = download(url, cache, sha256=sha, size=len(data), retries=policy, parallel=2)
     assert path.read_bytes() == data
     assert min(int(r.range.split("=")[1].split("-")[0]) for r in _gets(file_server)) == 900_000
+
+
+def _starts(gets: list) -> list[int]:
+    return sorted(int(r.range.split("=")[1].split("-")[0]) for r in gets if r.range)
+
+
+def test_killed_parallel_download_resumes_every_range_where_it_stopped(file_server, blob3, cache, small_parallel,
+                                                                       tmp_path) -> None:
+    url, data, sha = blob3
+    file_server.inject("/w.bin", Fault("slow", times=None, rate=150_000))
+    code = (
+        "import hubload.transfer as t; from hubload.cache import Cache\n"
+        "t.PARALLEL_MIN_SIZE, t.SEGMENT_SIZE, t.CHECKPOINT_SECONDS = 1_000_000, 300_000, 0.05\n"
+        f"t.download({url!r}, Cache({str(cache.root)!r}), sha256={sha!r}, size={len(data)}, parallel=4)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    meta_path = cache.partial_meta_path(sha)
+
+    def partly_written() -> int:
+        try:
+            segs = json.loads(meta_path.read_text()).get("segments", {})
+        except (OSError, ValueError):
+            return 0
+        return sum(1 for a, w in segs.items() if int(a) < w < int(a) + 300_000)
+
+    try:
+        deadline = time.monotonic() + 30
+        while partly_written() < 2:
+            assert proc.poll() is None, "the parallel run ended before it could be killed"
+            assert time.monotonic() < deadline, "the parallel run never recorded range progress"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    meta = json.loads(meta_path.read_text())
+    assert meta["preallocated"] and not cache.has_blob(sha)
+    done, segs = meta["bytes_done"], {int(a): w for a, w in meta["segments"].items()}
+    bounds = sorted(segs)
+    # What the killed run recorded decides exactly which ranges the next run asks for.
+    expected = set()
+    for a, b in zip(bounds, [*bounds[1:], len(data)]):
+        start = max(a, done, segs[a])
+        if start < b:
+            expected.add(f"bytes={start}-{b - 1}")
+    file_server.clear_faults()
+    file_server.wait_idle()
+    file_server.reset_log()
+
+    path = download(url, cache, sha256=sha, size=len(data), retries=RetryPolicy(base_delay=0.001), parallel=4)
+    assert path.read_bytes() == data
+    gets = _gets(file_server)
+    assert {r.range for r in gets} == expected and len(gets) == len(expected)
+    resumed_inside = [s for s in _starts(gets) if s not in segs]
+    assert len(resumed_inside) >= 2, "ranges restarted from their beginnings instead of where they stopped"
+    assert sum(r.bytes_sent for r in gets) == len(data) - done - sum(max(w, done) - max(a, done)
+                                                                    for a, w in segs.items())
+
+
+def _leave_ranges(cache: Cache, sha: str, data: bytes, done: int, segments: dict[int, int], *,
+                  damage: int | None = None) -> None:
+    """A killed parallel run's partial: the prefix and each range's written part on disk, zeros elsewhere."""
+    content = bytearray(len(data))
+    content[:done] = data[:done]
+    for a, w in segments.items():
+        content[a:w] = data[a:w]
+    if damage is not None:
+        content[damage] ^= 0xFF
+    _leave_partial(cache, sha, bytes(content), sha256=sha, size=len(data), etag=f'"{sha}"', preallocated=True)
+    meta = json.loads(cache.partial_meta_path(sha).read_text())
+    meta.update(bytes_done=done, segments={str(a): w for a, w in segments.items()})
+    cache.partial_meta_path(sha).write_text(json.dumps(meta))
+
+
+# Ranges of 300 kB: the first hashed, one half written, one complete, one untouched, the rest 50 kB in.
+_RECORDED = {0: 300_000, 300_000: 450_000, 600_000: 900_000, 900_000: 900_000,
+             **{a: a + 50_000 for a in range(1_200_000, 3_000_000, 300_000)}}
+
+
+def test_recorded_ranges_are_continued_and_the_result_verifies(file_server, blob3, cache, policy,
+                                                               small_parallel) -> None:
+    url, data, sha = blob3
+    _leave_ranges(cache, sha, data, 300_000, _RECORDED)
+    path = download(url, cache, sha256=sha, size=len(data), retries=policy, parallel=3)
+    assert path.read_bytes() == data
+    gets = _gets(file_server)
+    assert sorted(r.range for r in gets) == sorted(
+        ["bytes=450000-599999", "bytes=900000-1199999"]
+        + [f"bytes={a + 50_000}-{a + 299_999}" for a in range(1_200_000, 3_000_000, 300_000)])
+    assert all(r.header("If-Range") == f'"{sha}"' for r in gets)
+    assert sum(r.bytes_sent for r in gets) == len(data) - sum(w - a for a, w in _RECORDED.items())
+
+
+def test_a_damaged_recorded_range_gets_one_clean_retry(file_server, blob3, cache, policy, small_parallel) -> None:
+    url, data, sha = blob3
+    _leave_ranges(cache, sha, data, 300_000, _RECORDED, damage=1_210_000)  # e.g. a power cut lost that write
+    path = download(url, cache, sha256=sha, size=len(data), retries=policy, parallel=3)
+    assert path.read_bytes() == data
+    assert min(_starts(_gets(file_server))) == 0
+
+
+def test_recorded_ranges_with_a_single_stream_resume_from_the_prefix(file_server, blob3, cache, policy,
+                                                                     small_parallel) -> None:
+    url, data, sha = blob3
+    _leave_ranges(cache, sha, data, 300_000, _RECORDED)
+    path = download(url, cache, sha256=sha, size=len(data), retries=policy, parallel=1)
+    assert path.read_bytes() == data
+    assert [r.range for r in _gets(file_server)] == ["bytes=300000-"]
+
+
+@pytest.mark.parametrize("segments", [{"x": 1}, {"0": 10, "5": 3}, {"600000": 600_000}, []])
+def test_unusable_range_records_fall_back_to_the_prefix(file_server, blob3, cache, policy, small_parallel,
+                                                        segments) -> None:
+    url, data, sha = blob3
+    _leave_ranges(cache, sha, data, 300_000, {})
+    meta = json.loads(cache.partial_meta_path(sha).read_text())
+    meta["segments"] = segments
+    cache.partial_meta_path(sha).write_text(json.dumps(meta))
+    path = download(url, cache, sha256=sha, size=len(data), retries=policy, parallel=3)
+    assert path.read_bytes() == data
+    assert min(_starts(_gets(file_server))) == 300_000
 
 
 # ------------------------------------------------------------------------------------------ fetch_range
