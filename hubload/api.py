@@ -8,6 +8,7 @@ The check always runs before the first tensor is copied; a strict failure leaves
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -138,15 +139,19 @@ def _freeze(adapter: Any, model: Any, report: CompatReport, freeze: str | Sequen
 
 
 def _prepare(source: Any, *, model: Any, framework: str | None, registry: RegistryArg, config: Mapping[str, Any] | None,
-             num_classes: int | None, sha256: str | None) -> tuple[Artifact, Any, Any, tuple[str, ...]]:
+             num_classes: int | None, sha256: str | None, strategy: Any = None
+             ) -> tuple[Artifact, Any, Any, tuple[str, ...]]:
     """Resolve the source, pick the adapter and build the model when none is given."""
     art = resolve_source(source, registry=registry, sha256=sha256)
     adapter = _adapter(model, framework)
     replace = _replace_globs(art, num_classes)
     if adapter is None:
         return art, None, model, replace
+    if strategy is not None and adapter.name != "tf":
+        raise HubloadError(f"{art.label}: strategy= is a tf.distribute strategy; use it with framework='tf'")
     if model is None:
-        model = _build(art, adapter, config, num_classes)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model = _build(art, adapter, config, num_classes)
     elif num_classes is not None or config:
         raise HubloadError("num_classes=/config= build the registry architecture; with model= given, size the "
                            "head yourself and pass exclude=[...] for the checkpoint's head tensors")
@@ -157,7 +162,8 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
          registry: RegistryArg = None, exclude: Iterable[str] = (), rename: Sequence[Any] = (),
          key: str | None = None, dtype: Any = "model", device: Any = None, layout: str | None = None,
          num_classes: int | None = None, freeze: str | Sequence[str] | None = None,
-         config: Mapping[str, Any] | None = None, optimizer: Any = None, return_report: bool = False,
+         config: Mapping[str, Any] | None = None, optimizer: Any = None, strategy: Any = None,
+         return_report: bool = False,
          sha256: str | None = None, offline: bool | None = None, token: str | bool | None = None,
          progress: bool | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Any:
     """Load weights into a PyTorch or Keras model, checking compatibility before anything is copied.
@@ -184,6 +190,8 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         freeze: ``"backbone"`` (every loaded tensor) or globs of canonical names: set not trainable.
         config: Keyword overrides for the registry architecture.
         optimizer: TF only: restore this optimizer's state from a ``tf.train.Checkpoint`` of the same model.
+        strategy: TF only: a ``tf.distribute`` strategy whose scope the registry architecture is built in
+            (calling ``load`` inside ``with strategy.scope():`` does the same).
         return_report: Return ``(model, report)`` instead of the model.
         sha256: Expected sha256 of a bare URL source.
         offline: Use the cache only (default: ``HUBLOAD_OFFLINE``/``HF_HUB_OFFLINE``).
@@ -202,7 +210,8 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
     """
     cache = Cache(cache_dir)
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
-                                            config=config, num_classes=num_classes, sha256=sha256)
+                                            config=config, num_classes=num_classes, sha256=sha256,
+                                            strategy=strategy)
     if key is not None:
         art = _with_key(art, key)
     if adapter is None:
@@ -216,13 +225,19 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
                            "framework='torch' / 'tf' to build the registry entry's architecture")
 
     model_spec = adapter.spec(model)
-    # An uncached remote safetensors is checked from its header first, so a misfit fails before gigabytes move.
-    pre = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
-                         replace=replace, strict=strict, offline=offline, token=token)
-    if pre is not None:
-        pre.raise_if_incompatible(strict)
 
-    art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
+    def _fetch() -> Artifact:
+        # An uncached remote safetensors is checked from its header first, so a misfit fails before gigabytes
+        # move; under torch.distributed this (and the pull) runs once per node and every rank gets the outcome.
+        pre = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
+                             replace=replace, strict=strict, offline=offline, token=token)
+        if pre is not None:
+            pre.raise_if_incompatible(strict)
+        return fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
+
+    from .distributed import run_once_per_node
+
+    art = run_once_per_node(_fetch, label=art.label)
     if _is_full_model(art):
         raise HubloadError(f"{art.label} is a whole saved model, not a weights file; load it without model=/"
                            "framework= to get the saved model itself")

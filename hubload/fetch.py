@@ -173,6 +173,9 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
                retries: RetryPolicy | None = None) -> dict[str, Path]:
     """Make every file of ``entry`` available locally, verified.
 
+    Under an initialised ``torch.distributed`` process group, local rank 0 of each node pulls while the other
+    ranks wait, then read the cache; a failure reaches every rank (``HUBLOAD_DISTRIBUTED=0`` turns this off).
+
     Args:
         entry: A registry entry.
         cache: The cache (default: ``HUBLOAD_CACHE`` or the user cache dir).
@@ -191,6 +194,17 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
         HashMismatchError: downloaded bytes did not match; nothing was kept.
         DownloadError, ModelNotFoundError: the transfer failed.
     """
+    from .distributed import run_once_per_node  # framework-free; collective only under torch.distributed
+
+    return run_once_per_node(lambda: _pull_entry(entry, cache=cache, offline=offline, token=token, progress=progress,
+                                                 parallel=parallel, timeout=timeout, retries=retries),
+                             label=f"model {entry.id!r}")
+
+
+def _pull_entry(entry: ModelEntry, *, cache: Cache | None, offline: bool | None, token: str | bool | None,
+                progress: bool | None, parallel: int | None, timeout: float | tuple[float, float] | None,
+                retries: RetryPolicy | None) -> dict[str, Path]:
+    """The pull itself (one process)."""
     cache = cache or Cache()
     offline = config.is_offline(offline)
     hit = cached_files(entry, cache=cache, allow_unpinned=offline)
