@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from hubload.adapters import ModelTensor, call_architecture
 from hubload.adapters._keras_paths import keras_variable_owners
+from hubload.checkpoint import TensorInfo, canonical_dtype, numpy_dtype
 from hubload.errors import (
     CheckpointError,
     HubloadError,
@@ -55,7 +56,6 @@ from hubload.layout import (
     layer_kind,
     to_canonical,
 )
-from hubload.readers import TensorInfo, canonical_dtype, numpy_dtype
 
 __all__ = [
     "TFCheckpointReader",

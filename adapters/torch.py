@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from hubload.adapters import ModelTensor, call_architecture
+from hubload.checkpoint import TensorInfo, canonical_dtype
 from hubload.errors import (
     CheckpointError,
     HubloadError,
@@ -44,7 +45,8 @@ from hubload.errors import (
     UnsafeCheckpointError,
 )
 from hubload.layout import Transform
-from hubload.readers import SafetensorsReader, ShardedReader, TensorInfo, canonical_dtype
+from hubload.readers import ShardedReader
+from hubload.safetensors_io import SafetensorsReader
 
 __all__ = [
     "NESTED_STATE_DICT_KEYS",

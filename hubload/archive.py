@@ -330,7 +330,7 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as exc:
-        from .cache import cache_os_error
+        from .cache_fs import cache_os_error
 
         raise cache_os_error(exc, dest.parent, "creating") from exc
     try:
@@ -368,7 +368,7 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (CacheError, CheckpointError)):
             raise
-        from .cache import cache_os_error
+        from .cache_fs import cache_os_error
 
         raise cache_os_error(exc, dest, "extracting into") from exc
     except BaseException:

@@ -14,9 +14,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
+from hubload.checkpoint import canonical_dtype
 from hubload.errors import IncompatibleWeightsError
 from hubload.layout import Transform, align_prefixes, ignorable_reason, strip_wrapper_prefixes
-from hubload.readers import canonical_dtype
 
 __all__ = ["CompatReport", "DtypeCast", "Ignored", "Match", "ShapeMismatch", "check"]
 

@@ -21,8 +21,8 @@ from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineEr
 from .registry import FileSpec, ModelEntry, RegistryArg, load_registry
 from .sources import ResolvedFile, resolve_file, resolve_hf_revision
 
-if TYPE_CHECKING:  # transfer imports requests: keep `import hubload.fetch` light
-    from .transfer import RetryPolicy
+if TYPE_CHECKING:  # httpio imports requests: keep `import hubload.fetch` light
+    from .httpio import RetryPolicy
 
 __all__ = ["cached_files", "pull", "pull_entry", "verify"]
 

@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from hubload.checkpoint import canonical_dtype
 from hubload.errors import CheckpointError, RegistryError
-from hubload.readers import canonical_dtype
 
 __all__ = [
     "KERAS_LAYER_RULES",

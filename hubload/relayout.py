@@ -80,7 +80,7 @@ def write_safetensors(path: str | os.PathLike[str], arrays: Mapping[str, Any],
     """Write numpy arrays as a safetensors file (atomically); returns the file size."""
     import numpy as np
 
-    from .readers import SAFETENSORS_DTYPES, canonical_dtype
+    from .checkpoint import SAFETENSORS_DTYPES, canonical_dtype
 
     tag_of = {name: tag for tag, (name, _) in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}

@@ -263,8 +263,8 @@ def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offl
 
     if cached_files(entry, cache=cache or Cache()) is not None:
         return None
-    from . import transfer
-    from .readers import parse_safetensors_header, safetensors_header_length
+    from . import httpio
+    from .safetensors_io import parse_safetensors_header, safetensors_header_length
 
     tok = config.hf_token(token) if entry.scheme == "hf" else None
     commit = resolve_hf_revision(entry, token=tok) if entry.scheme == "hf" else None
@@ -272,12 +272,12 @@ def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offl
     if rf.url is None:
         return None
     kw = dict(headers=rf.headers, auth_host=rf.auth_host, model_id=entry.id, file=spec.path)
-    first = transfer.fetch_range(rf.url, 0, _HEADER_GUESS, **kw)
+    first = httpio.fetch_range(rf.url, 0, _HEADER_GUESS, **kw)
     if len(first) < 8:
         raise CheckpointError(f"{entry.id}: {spec.path} at {rf.url} is shorter than a safetensors header")
     n = safetensors_header_length(first[:8], file_size=rf.size, source=rf.url)
     if 8 + n > len(first):
-        first += transfer.fetch_range(rf.url, len(first), 8 + n, **kw)
+        first += httpio.fetch_range(rf.url, len(first), 8 + n, **kw)
     header = parse_safetensors_header(first[:8], first[8:8 + n], file_size=rf.size, source=rf.url)
     return RemoteHeader(header.tensors, len(first), dict(header.metadata))
 

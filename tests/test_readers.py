@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy as stnp
 from safetensors import safe_open
 
-from hubload import readers
+from hubload import keras_h5, readers, safetensors_io
 from hubload.errors import CheckpointError, MissingDependencyError, UnsafeCheckpointError
 from hubload.readers import (
     KerasWeightsReader,
@@ -200,7 +200,7 @@ def test_real_minilm_header_parses_without_reading_data(monkeypatch):
         def __exit__(self, *exc):
             self._f.close()
 
-    monkeypatch.setattr(readers, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(safetensors_io, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
     r = SafetensorsReader(MINILM)
     infos = r.tensors()
     with open(MINILM, "rb") as f:  # the test's own open, not the counted one
@@ -405,14 +405,14 @@ def test_keras_weights_missing_h5py(tmp_path, monkeypatch):
 
 
 def test_keras_leaf_names_fallbacks():
-    names = readers._keras_leaf_names
+    names = keras_h5._keras_leaf_names
     assert names(["batch_normalization"], [(4,)] * 4) == ["gamma", "beta", "moving_mean", "moving_variance"]
     assert names(["batch_normalization"], [(4,)] * 3) == ["0", "1", "2"]  # center/scale off: unknowable
     assert names(["conv2d"], [(3, 3, 1, 2)]) == ["kernel"]  # use_bias=False
     assert names([None], [(5, 5), (5,)]) == ["kernel", "bias"]
     assert names([None], [(5,), (5,)]) == ["0", "1"]
-    assert readers._keras_kind("conv2d_transpose_12") == "conv2d_transpose"
-    assert readers._keras_kind("my_block") is None
+    assert keras_h5._keras_kind("conv2d_transpose_12") == "conv2d_transpose"
+    assert keras_h5._keras_kind("my_block") is None
 
 
 # ------------------------------------------------------------------------------------------ detection

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
+import hubload.httpio as httpio
+import hubload.ranges as ranges
 import hubload.transfer as transfer
 from hubload.cache import Cache
 from hubload.errors import DownloadError, HashMismatchError, ModelNotFoundError, OfflineError
@@ -251,12 +253,12 @@ def test_retry_after_is_capped_and_parses_http_dates() -> None:
     assert policy.delay(1, retry_after=10_000) == 30
     resp = requests.Response()
     resp.headers["Retry-After"] = "Wed, 21 Oct 2015 07:28:00 GMT"  # in the past
-    assert transfer._retry_after(resp) == 0.0
+    assert httpio._retry_after(resp) == 0.0
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 100))
     resp.headers["Retry-After"] = future
-    assert 90 < transfer._retry_after(resp) <= 100
+    assert 90 < httpio._retry_after(resp) <= 100
     resp.headers["Retry-After"] = "soon"
-    assert transfer._retry_after(resp) is None
+    assert httpio._retry_after(resp) is None
 
 
 def test_retries_are_bounded_and_the_error_names_model_file_url(file_server, blob3, cache, policy, sleeps) -> None:
@@ -509,7 +511,7 @@ def test_lock_left_by_a_killed_process_does_not_hang_a_download(file_server, blo
 def small_parallel(monkeypatch) -> None:
     """Make the parallel path kick in for a few-MB file, with small segments."""
     monkeypatch.setattr(transfer, "PARALLEL_MIN_SIZE", 1_000_000)
-    monkeypatch.setattr(transfer, "SEGMENT_SIZE", 300_000)
+    monkeypatch.setattr(ranges, "SEGMENT_SIZE", 300_000)
 
 
 def test_parallel_ranges_download_correctly(file_server, blob3, cache, policy, small_parallel) -> None:
@@ -567,8 +569,8 @@ def test_killed_parallel_download_resumes_every_range_where_it_stopped(file_serv
     url, data, sha = blob3
     file_server.inject("/w.bin", Fault("slow", times=None, rate=150_000))
     code = (
-        "import hubload.transfer as t; from hubload.cache import Cache\n"
-        "t.PARALLEL_MIN_SIZE, t.SEGMENT_SIZE, t.CHECKPOINT_SECONDS = 1_000_000, 300_000, 0.05\n"
+        "import hubload.ranges as r, hubload.transfer as t; from hubload.cache import Cache\n"
+        "t.PARALLEL_MIN_SIZE, r.SEGMENT_SIZE, r.CHECKPOINT_SECONDS = 1_000_000, 300_000, 0.05\n"
         f"t.download({url!r}, Cache({str(cache.root)!r}), sha256={sha!r}, size={len(data)}, parallel=4)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)

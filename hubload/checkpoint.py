@@ -1,0 +1,182 @@
+"""The checkpoint reader contract shared by every format: what a tensor looks like before it is read.
+
+:class:`TensorInfo` and the :class:`CheckpointReader` protocol are what the readers return and implement,
+:class:`ReaderBase` is their common context-manager plumbing, and the dtype helpers map every framework's
+dtype to one canonical name. Kept apart from the format modules (``safetensors_io``, ``npz_io``,
+``keras_h5``) and from format detection (``readers``) so that each of those can import it without cycles.
+
+numpy and ml_dtypes are imported inside functions: ``import hubload`` stays light.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from hubload.errors import CheckpointError
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "CheckpointReader",
+    "ReaderBase",
+    "TensorInfo",
+    "canonical_dtype",
+    "numpy_dtype",
+]
+
+# safetensors dtype tag -> (canonical dtype name, itemsize in bytes). Canonical names are numpy /
+# ml_dtypes / torch names, so ``numpy_dtype(name)`` and ``getattr(torch, name)`` both resolve them.
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "U16": ("uint16", 2),
+    "I16": ("int16", 2),
+    "U32": ("uint32", 4),
+    "I32": ("int32", 4),
+    "U64": ("uint64", 8),
+    "I64": ("int64", 8),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+}
+
+_ML_DTYPES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                        "float8_e8m0fnu"})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint says about one tensor, read without touching its bytes.
+
+    Attributes:
+        name: Key as stored in the checkpoint (native naming of its layout).
+        shape: Tensor shape.
+        dtype: Canonical dtype name ("float32", "bfloat16", "int64", "bool", "float8_e4m3fn" ...).
+        nbytes: Size of the tensor data in bytes.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+@runtime_checkable
+class CheckpointReader(Protocol):
+    """A lazily opened checkpoint. Readers are context managers."""
+
+    path: pathlib.Path
+    format: str
+    layout: str
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names, shapes and dtypes only; no tensor bytes are read."""
+
+    def get(self, name: str) -> Any:
+        """One tensor's data (numpy array for the framework-free readers)."""
+
+    def close(self) -> None:
+        """Release files and memory maps."""
+
+    def __enter__(self) -> CheckpointReader: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------- dtypes
+
+
+def numpy_dtype(name: str) -> Any:
+    """Return the numpy dtype (little-endian) for a canonical dtype name.
+
+    Args:
+        name: Canonical name such as "float32" or "bfloat16".
+
+    Returns:
+        A ``numpy.dtype``; bfloat16 and float8 types come from ml_dtypes.
+
+    Raises:
+        CheckpointError: ``name`` is not a dtype numpy/ml_dtypes know.
+    """
+    import numpy as np
+
+    if name in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    try:
+        return np.dtype(name).newbyteorder("<")
+    except TypeError as exc:
+        raise CheckpointError(f"unknown dtype {name!r}; hubload knows {sorted(v for v, _ in SAFETENSORS_DTYPES.values())}") from exc
+
+
+def canonical_dtype(dtype: Any) -> str:
+    """Canonical dtype name of a numpy, torch or TensorFlow dtype (or a string naming one).
+
+    Args:
+        dtype: ``numpy.dtype``, ``torch.dtype``, ``tf.DType``, a safetensors tag ("F32") or a name.
+
+    Returns:
+        "float32", "bfloat16", "int64" ... (torch's ``torch.`` prefix dropped).
+    """
+    if isinstance(dtype, str):
+        if dtype in SAFETENSORS_DTYPES:
+            return SAFETENSORS_DTYPES[dtype][0]
+        name = dtype
+    elif hasattr(dtype, "is_floating_point") and str(dtype).startswith("torch."):
+        name = str(dtype)
+    else:
+        name = getattr(dtype, "name", None) or str(dtype)
+    name = name.removeprefix("torch.")
+    # torch aliases and numpy's platform names
+    return {"float": "float32", "half": "float16", "double": "float64", "long": "int64", "int": "int32",
+            "bool_": "bool", "short": "int16"}.get(name, name)
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+
+class ReaderBase:
+    """Context-manager plumbing shared by the readers."""
+
+    path: pathlib.Path
+    format: str
+    layout: str = "torch"
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors()
+
+    def __iter__(self):
+        return iter(self.tensors())
+
+    def __len__(self) -> int:
+        return len(self.tensors())
+
+    def tensors(self) -> dict[str, TensorInfo]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _unknown(self, name: str) -> CheckpointError:
+        """Error for a tensor name the checkpoint does not hold."""
+        return CheckpointError(f"{self.path}: no tensor named {name!r} in this {self.format} checkpoint "
+                               f"({len(self.tensors())} tensors)")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {str(self.path)!r} format={self.format} layout={self.layout}>"

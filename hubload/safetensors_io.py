@@ -1,0 +1,266 @@
+"""safetensors without the safetensors package: strict header parsing and a memory-mapped reader.
+
+The header parser is separate from the reader because remote code paths (``hubload.resolve``) validate a
+header fetched over HTTP with a Range request, without the file. Every check a hostile or truncated file
+could fail is made before any tensor byte is touched.
+
+numpy is imported inside functions: ``import hubload`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from hubload.checkpoint import SAFETENSORS_DTYPES, ReaderBase, TensorInfo, numpy_dtype
+from hubload.errors import CheckpointError
+
+__all__ = [
+    "MAX_SAFETENSORS_HEADER",
+    "SafetensorsHeader",
+    "SafetensorsReader",
+    "parse_safetensors_header",
+    "read_safetensors_header",
+    "safetensors_header_length",
+]
+
+# Same cap as the safetensors library: a longer header is corrupt or hostile, never a real model.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed, validated safetensors header.
+
+    Attributes:
+        tensors: Name -> TensorInfo, in file order.
+        metadata: The ``__metadata__`` string map ({} when absent).
+        offsets: Name -> (begin, end) byte offsets relative to the data section.
+        data_start: File offset of the data section (8 + header length).
+        data_size: Bytes the data section must hold (end of the last tensor).
+    """
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    offsets: dict[str, tuple[int, int]]
+    data_start: int
+    data_size: int
+
+
+def safetensors_header_length(prefix: bytes, *, file_size: int | None = None, source: str = "") -> int:
+    """Decode and sanity-check the 8-byte little-endian header length that starts a safetensors file.
+
+    A remote reader fetches these 8 bytes first (HTTP Range ``bytes=0-7``), then the header itself.
+
+    Args:
+        prefix: At least the first 8 bytes of the file.
+        file_size: Total file size, if known; the header must fit in it.
+        source: File or URL, for error messages.
+
+    Returns:
+        The header length N; the JSON header occupies bytes [8, 8 + N).
+
+    Raises:
+        CheckpointError: Too short, or a length that is absurd or exceeds the file.
+    """
+    where = source or "safetensors data"
+    if len(prefix) < 8:
+        raise CheckpointError(f"{where}: file is {len(prefix)} bytes, too short to be safetensors "
+                              "(needs an 8-byte header length); the download is probably truncated")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(f"{where}: safetensors header claims {n} bytes (limit {MAX_SAFETENSORS_HEADER}); "
+                              "the file is corrupt or not safetensors")
+    if n < 2:
+        raise CheckpointError(f"{where}: safetensors header length {n} is too small to hold a JSON object")
+    if file_size is not None and 8 + n > file_size:
+        raise CheckpointError(f"{where}: safetensors header claims {n} bytes but the file has only "
+                              f"{file_size} bytes; the file is truncated or corrupt — delete it and download again")
+    return n
+
+
+def parse_safetensors_header(prefix: bytes, header: bytes, *, file_size: int | None = None,
+                             source: str = "") -> SafetensorsHeader:
+    """Parse and strictly validate a safetensors header.
+
+    Checks: the length prefix, JSON object syntax, known dtypes, non-negative integer shapes,
+    ``shape x itemsize == end - begin``, offsets sorted contiguously from 0 without gaps or overlaps,
+    and (when ``file_size`` is given) that the data section is exactly as long as the tensors need.
+
+    Args:
+        prefix: The first 8 bytes of the file (the header length).
+        header: The N header bytes that follow them.
+        file_size: Total file size, when known (omit for a header fetched alone over HTTP).
+        source: File or URL, for error messages.
+
+    Returns:
+        The validated :class:`SafetensorsHeader`.
+
+    Raises:
+        CheckpointError: Any of the checks fails.
+    """
+    where = source or "safetensors data"
+    n = safetensors_header_length(prefix, file_size=file_size, source=source)
+    if len(header) < n:
+        raise CheckpointError(f"{where}: safetensors header is truncated ({len(header)} of {n} bytes)")
+    try:
+        raw = json.loads(bytes(header[:n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: safetensors header must be a JSON object")
+
+    metadata = raw.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise CheckpointError(f"{where}: safetensors __metadata__ must map strings to strings")
+
+    entries: list[tuple[int, int, str]] = []
+    infos: dict[str, TensorInfo] = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+            raise CheckpointError(f"{where}: tensor {name!r} needs dtype, shape and data_offsets in the header")
+        tag = spec["dtype"]
+        if tag not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {tag!r}, which hubload cannot read "
+                                  f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+        dtype, itemsize = SAFETENSORS_DTYPES[tag]
+        shape = spec["shape"]
+        offsets = spec["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        count = 1
+        for d in shape:
+            count *= d
+        begin, end = offsets
+        if count * itemsize != end - begin:
+            raise CheckpointError(f"{where}: tensor {name!r} is {tag}{shape} = {count * itemsize} bytes but its "
+                                  f"data_offsets span {end - begin} bytes; the header is corrupt")
+        infos[name] = TensorInfo(name, tuple(shape), dtype, end - begin)
+        entries.append((begin, end, name))
+
+    # Tensors must tile the data section exactly: no overlap (aliasing) and no gaps (hidden bytes).
+    entries.sort()
+    pos = 0
+    for begin, end, name in entries:
+        if begin < pos:
+            raise CheckpointError(f"{where}: tensor {name!r} at bytes [{begin}, {end}) overlaps the previous tensor")
+        if begin > pos:
+            raise CheckpointError(f"{where}: gap before tensor {name!r} (bytes [{pos}, {begin}) belong to no tensor)")
+        pos = end
+    data_start = 8 + n
+    if file_size is not None:
+        have = file_size - data_start
+        if have < pos:
+            raise CheckpointError(f"{where}: file is truncated: tensors need {pos} data bytes, the file has {have}; "
+                                  "delete it and download again")
+        if have > pos:
+            raise CheckpointError(f"{where}: {have - pos} trailing bytes after the last tensor; the file is corrupt")
+    return SafetensorsHeader(infos, dict(metadata), {name: (b, e) for b, e, name in entries}, data_start, pos)
+
+
+def read_safetensors_header(source: bytes | bytearray | memoryview | BinaryIO, *,
+                            file_size: int | None = None, name: str = "") -> SafetensorsHeader:
+    """Read and validate a safetensors header from bytes or a binary file object.
+
+    Only the 8-byte prefix and the header are read from a file object, never tensor data.
+
+    Args:
+        source: The file's leading bytes (at least prefix + header), or a seekable binary file object
+            positioned at the start of the file.
+        file_size: Total file size. For a file object it is taken from ``seek(0, 2)`` when omitted; for
+            bytes it is not assumed (the bytes may be only the header).
+        name: File or URL, for error messages.
+
+    Returns:
+        The validated :class:`SafetensorsHeader`.
+
+    Raises:
+        CheckpointError: The header is malformed, hostile or inconsistent with the file size.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source[:8])
+        n = safetensors_header_length(data, file_size=file_size, source=name)
+        return parse_safetensors_header(data, bytes(source[8:8 + n]), file_size=file_size, source=name)
+    start = source.tell()
+    if file_size is None and source.seekable():
+        file_size = source.seek(0, os.SEEK_END) - start
+        source.seek(start)
+    prefix = source.read(8)
+    n = safetensors_header_length(prefix, file_size=file_size, source=name)
+    return parse_safetensors_header(prefix, source.read(n), file_size=file_size, source=name)
+
+
+class SafetensorsReader(ReaderBase):
+    """One ``.safetensors`` file, header parsed eagerly and validated, tensors memory-mapped on demand.
+
+    ``get(name)`` returns a read-only numpy array backed by a memory map of the file (zero copy).
+    Arrays stay valid after ``close()``: the map is released once the last array is gone.
+
+    Attributes:
+        path: The file.
+        format: "safetensors".
+        layout: "torch" (the usual convention; the caller may override).
+        metadata: The header's ``__metadata__`` string map.
+        header: The full :class:`SafetensorsHeader`.
+    """
+
+    format = "safetensors"
+
+    def __init__(self, path: str | os.PathLike[str], *, layout: str = "torch") -> None:
+        self.path = pathlib.Path(path)
+        self.layout = layout
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self.header = read_safetensors_header(f, file_size=size, name=str(self.path))
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read safetensors file: {exc}") from exc
+        self.metadata = self.header.metadata
+        declared = (self.metadata or {}).get("hubload_layout")
+        if declared in ("torch", "keras"):  # written by `hubload convert`: the file says its convention
+            self.layout = declared
+        self._map: Any = None
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names, shapes and dtypes from the header."""
+        return dict(self.header.tensors)
+
+    def get(self, name: str) -> Any:
+        """Return one tensor as a read-only, memory-mapped numpy array.
+
+        Args:
+            name: Tensor name as stored in the file.
+
+        Returns:
+            ``numpy.ndarray`` of the tensor's dtype and shape, backed by the file.
+
+        Raises:
+            CheckpointError: No such tensor.
+        """
+        import numpy as np
+
+        info = self.header.tensors.get(name)
+        if info is None:
+            raise self._unknown(name)
+        dtype = numpy_dtype(info.dtype)
+        begin, end = self.header.offsets[name]
+        if end == begin:  # np.memmap cannot map zero bytes
+            return np.zeros(info.shape, dtype=dtype)
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=0,
+                                  shape=(self.header.data_start + self.header.data_size,))
+        start = self.header.data_start + begin
+        arr = self._map[start:start + (end - begin)].view(dtype).reshape(info.shape)
+        return arr.view(np.ndarray)  # plain ndarray view; still backed by (and keeping alive) the map
+
+    def close(self) -> None:
+        """Drop the memory map (arrays already handed out keep it alive until they go)."""
+        self._map = None
