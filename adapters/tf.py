@@ -32,7 +32,8 @@ import contextlib
 import logging
 import os
 import pathlib
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import keras
 import numpy as np
@@ -326,7 +327,8 @@ def _strategy_scope(model: Any) -> Iterator[None]:
         yield
 
 
-def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model") -> None:
+def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
+          model_spec: Mapping[str, ModelTensor] | None = None) -> None:
     """Assign the report's matched tensors from ``reader`` to the model's variables, all or nothing.
 
     Every tensor is converted (checkpoint -> canonical transform from the report, canonical -> Keras
@@ -339,6 +341,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model") 
             loading (``raise_if_incompatible`` is called first).
         reader: The checkpoint reader the report was computed from.
         dtype_policy: Only "model": Keras variables have fixed dtypes, tensors are cast to them.
+        model_spec: :func:`spec` of the model if the caller has it already (saves walking the model again).
 
     Raises:
         IncompatibleWeightsError: The report forbids loading, or a tensor does not fit its variable
@@ -349,7 +352,8 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model") 
         raise ValueError(f"dtype_policy={dtype_policy!r}: Keras variables keep their dtype, only 'model' is "
                          "supported; build the model with the dtype you want")
     report.raise_if_incompatible()
-    model_spec = spec(model)
+    if model_spec is None:
+        model_spec = spec(model)
     pending: list[tuple[Any, np.ndarray]] = []
     problems: list[str] = []
     for m in report.matched:
