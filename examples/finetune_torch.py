@@ -8,7 +8,8 @@ the rest of the held-out images of 0-4 measure it. ``--freeze`` trains the head 
     python examples/finetune_torch.py                 # a few seconds on 2 CPU cores
     python examples/finetune_torch.py --epochs 30 --train-size 40 --freeze
 
-Prints the accuracy before fine-tuning (a fresh head: about chance), after it, and for a random start
+Prints the accuracy before fine-tuning (the new head is untrained, so this is luck: near chance for most
+seeds, though a random head on well-separated features can land higher), after it, and for a random start
 trained with the same budget.
 """
 
