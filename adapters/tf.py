@@ -373,7 +373,9 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
             problems.append(f"{m.key}: checkpoint tensor {m.source!r} becomes shape {list(arr.shape)} in Keras "
                             f"layout, variable {target.native!r} has {list(var_shape)}")
             continue
-        pending.append((var, np.ascontiguousarray(arr, dtype=numpy_dtype(canonical_dtype(var.dtype)))))
+        want = numpy_dtype(canonical_dtype(var.dtype))
+        # No contiguous copy here: TF copies every numpy array it converts (C order), transposed views included.
+        pending.append((var, arr if arr.dtype == want else arr.astype(want)))
     if problems:
         raise IncompatibleWeightsError(
             f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "

@@ -173,6 +173,8 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
     local = Path(source).expanduser()
     looks_like_path = source.startswith((".", "/", "~")) or os.sep in source or local.suffix != ""
     exists = local.exists() or Path(str(local) + ".index").exists()
+    if exists and source.startswith(("/", "./", "../", "~")):  # explicitly a path: never an ID, skip the registry
+        return Artifact(label=source, path=local)
     reg = load_registry(registry)
     if source in reg:
         if exists and not source.startswith((".", "/", "~")):
