@@ -327,6 +327,33 @@ def _strategy_scope(model: Any) -> Iterator[None]:
         yield
 
 
+_TF_ALIGNMENT = 64  # TF/Eigen kernels assume 64-byte aligned buffers; numpy only guarantees 16
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _TF_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % _TF_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _owned_tensor(arr: np.ndarray, dtype: np.dtype) -> Any:
+    """One private, aligned C-order copy of ``arr`` (re-layout and cast in one pass), adopted by TF as is.
+
+    ``var.assign(numpy_array)`` copies twice (TF copies every numpy input, then into the variable); a tensor
+    made over our own fresh buffer through DLPack is adopted as is. dtypes DLPack cannot carry (bfloat16 from
+    ml_dtypes) fall back to the numpy array.
+    """
+    own = _aligned_empty(arr.shape, dtype)
+    np.copyto(own, arr, casting="unsafe")  # the report has already refused value-destroying casts
+    try:
+        return tf.experimental.dlpack.from_dlpack(own.__dlpack__())
+    except (BufferError, TypeError, ValueError, AttributeError, tf.errors.InvalidArgumentError):
+        return own
+
+
 def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
           model_spec: Mapping[str, ModelTensor] | None = None) -> None:
     """Assign the report's matched tensors from ``reader`` to the model's variables, all or nothing.
@@ -373,16 +400,16 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
             problems.append(f"{m.key}: checkpoint tensor {m.source!r} becomes shape {list(arr.shape)} in Keras "
                             f"layout, variable {target.native!r} has {list(var_shape)}")
             continue
-        want = numpy_dtype(canonical_dtype(var.dtype))
-        # No contiguous copy here: TF copies every numpy array it converts (C order), transposed views included.
-        pending.append((var, arr if arr.dtype == want else arr.astype(want)))
+        # Views only so far: every shape is checked before the first variable changes (all or nothing), and
+        # each tensor is materialised just before its own assignment, so peak memory stays one tensor.
+        pending.append((var, arr))
     if problems:
         raise IncompatibleWeightsError(
             f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "
             f"{type(model).__name__}; nothing was assigned:\n  " + "\n  ".join(problems), report=report)
     with _strategy_scope(model):
         for var, arr in pending:
-            var.assign(arr)
+            var.assign(_owned_tensor(arr, numpy_dtype(canonical_dtype(var.dtype))))
     logger.info("assigned %d variables of %s", len(pending), type(model).__name__)
 
 

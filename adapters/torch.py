@@ -291,21 +291,26 @@ def _from_numpy(array: Any) -> tuple[torch.Tensor, bool]:
         return torch.from_numpy(array), readonly
 
 
-def to_torch(reader: Any, tensor_name: str, *, _storages: _FileStorages | None = None) -> tuple[torch.Tensor, bool]:
+def to_torch(reader: Any, tensor_name: str, *, _storages: _FileStorages | None = None,
+             owned: bool = True) -> tuple[torch.Tensor, bool]:
     """Read one checkpoint tensor as a CPU ``torch.Tensor``, without copying where possible.
 
     Args:
         reader: A :class:`~hubload.readers.CheckpointReader`.
         tensor_name: The tensor's native name in the checkpoint.
+        owned: The tensor may become a model's own (``assign=True``): safetensors data then comes from a
+            private copy-on-write torch storage over the file. False (the data is only copied from) reads
+            the reader's pre-faulted read-only map, which is faster to copy from than faulting pages in.
 
     Returns:
         ``(tensor, readonly)``: ``readonly`` is True when the tensor shares read-only memory (a
         numpy memory map) and must be cloned before a model may own it.
     """
-    storages = _storages or _FileStorages()
-    t = _from_safetensors(reader, tensor_name, storages)
-    if t is not None:
-        return t, False
+    if owned:
+        storages = _storages or _FileStorages()
+        t = _from_safetensors(reader, tensor_name, storages)
+        if t is not None:
+            return t, False
     data = reader.get(tensor_name)
     if isinstance(data, torch.Tensor):
         return data, False
@@ -369,7 +374,7 @@ def _target_dtype(policy: Any, model_dtype: torch.dtype, ckpt_dtype: torch.dtype
 
 
 def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any = "model",
-          device: Any = None) -> None:
+          device: Any = None, model_spec: Mapping[str, ModelTensor] | None = None) -> None:
     """Copy the report's matched tensors from ``reader`` into ``model``, all or nothing.
 
     Every matched tensor is read, re-laid-out with the report's checkpoint -> canonical transform,
@@ -385,6 +390,7 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
             floating-point tensors.
         device: For a model on the ``meta`` device: where the materialised tensors go (default CPU,
             backed by the memory-mapped file). Models with real tensors keep their devices.
+        model_spec: :func:`spec` of the model if the caller has it already (saves a state_dict walk).
 
     Raises:
         IncompatibleWeightsError: The report forbids loading, a tensor does not fit its model
@@ -392,7 +398,10 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
         CheckpointError: A tensor cannot be read.
     """
     report.raise_if_incompatible()
-    model_sd = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    if model_spec is not None:  # the caller's spec(model): its handles are the state_dict tensors
+        model_sd = {k: t.handle for k, t in model_spec.items()}
+    else:
+        model_sd = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     on_meta = any(v.is_meta for v in model_sd.values())
     assign = on_meta or dtype_policy != "model"
     storages = _FileStorages()
@@ -405,7 +414,7 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
             problems.append(f"{m.key}: the model has no such state_dict entry")
             continue
         try:
-            t, readonly = to_torch(reader, m.source, _storages=storages)
+            t, readonly = to_torch(reader, m.source, _storages=storages, owned=assign)
             t = relayout(t, m.transform)
         except ValueError as exc:
             problems.append(f"{m.key} (checkpoint {m.source!r}): {exc}")

@@ -254,10 +254,10 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         else:
             report.raise_if_incompatible(strict)
             options: dict[str, Any] = {"dtype_policy": dtype}
+            if adapter.name in ("torch", "tf"):  # built-ins reuse the spec computed above (a model walk less)
+                options["model_spec"] = model_spec
             if adapter.name == "torch":
                 options["device"] = device
-            elif adapter.name == "tf":
-                options["model_spec"] = model_spec  # computed once above; the walk costs ~15% of a load
             adapter.apply(model, report, reader, **options)
     if device is not None and adapter.name == "torch":
         model = model.to(device)
