@@ -20,7 +20,14 @@ from .compat import CompatReport
 from .compat import check as compat_check
 from .errors import HubloadError
 from .registry import RegistryArg
-from .resolve import Artifact, fetch_artifact, reader_layout, remote_safetensors_header, resolve_source
+from .resolve import (
+    Artifact,
+    fetch_artifact,
+    reader_format,
+    reader_layout,
+    remote_safetensors_header,
+    resolve_source,
+)
 
 __all__ = ["check", "inspect", "load"]
 
@@ -243,7 +250,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
                            "framework= to get the saved model itself")
     from .readers import open_checkpoint
 
-    with open_checkpoint(art.path, format=_reader_format(art), key=art.key) as reader:
+    with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
         report = _report(_canonical(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                          replace=replace, strict=strict)
         if optimizer is not None:
@@ -297,7 +304,7 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
         from .readers import open_checkpoint
 
-        with open_checkpoint(art.path, format=_reader_format(art), key=art.key) as reader:
+        with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
             report = _report(_canonical(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                              replace=replace, strict=strict)
     return report
@@ -322,13 +329,8 @@ def inspect(source: str | os.PathLike[str], *, registry: RegistryArg = None, key
         raise HubloadError(f"{art.label} is a whole saved model; `inspect` reads weight checkpoints")
     from .readers import open_checkpoint
 
-    with open_checkpoint(art.path, format=_reader_format(art), key=art.key) as reader:
+    with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
         return dict(reader.tensors())
-
-
-def _reader_format(art: Artifact) -> str | None:
-    """The reader format for an artifact (None = detect from the file)."""
-    return art.format if art.format not in (None, *_FULL_MODEL_FORMATS) else None
 
 
 def _with_key(art: Artifact, key: str) -> Artifact:

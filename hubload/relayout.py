@@ -135,17 +135,16 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     from .cache import Cache
     from .layout import apply_transform, from_canonical, to_canonical
     from .readers import open_checkpoint
-    from .resolve import fetch_artifact, reader_layout, resolve_source
+    from .resolve import fetch_artifact, reader_format, reader_layout, resolve_source
 
     art = resolve_source(source, registry=registry)
     if key is not None:
         art = replace(art, key=key)
     art = fetch_artifact(art, cache=Cache(), offline=offline)
-    fmt = art.format if art.format not in (None, "savedmodel", "keras") else None
     arrays: dict[str, Any] = {}
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
-    with open_checkpoint(art.path, format=fmt, key=art.key) as reader:
+    with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
         canon = to_canonical(reader.tensors(), from_layout or art.layout or reader_layout(reader),
                              rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
         targets: dict[str, tuple[str, Any]] = {}

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from .errors import CheckpointError, HubloadError, ModelNotFoundError
 from .registry import FileSpec, ModelEntry, RegistryArg, _infer_format, check_relative_path, load_registry
 from .sources import resolve_file, resolve_hf_revision
 
-__all__ = ["Artifact", "RemoteHeader", "fetch_artifact", "reader_layout", "remote_safetensors_header",
+__all__ = ["Artifact", "RemoteHeader", "fetch_artifact", "reader_format", "reader_layout", "remote_safetensors_header",
            "resolve_source"]
 
 log = logging.getLogger("hubload")
@@ -57,7 +57,6 @@ class Artifact:
     ignore: tuple[str, ...] = ()
     head: tuple[str, ...] = ()
     key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # Written into the __metadata__ of files `hubload convert` produces, so the layout travels with the file.
@@ -216,6 +215,11 @@ def _expand_sharded(entry: ModelEntry, index_path: Path) -> ModelEntry:
     for f in extra:
         check_relative_path(f.path)
     return replace(entry, files=entry.files + extra)
+
+
+def reader_format(art: Artifact) -> str | None:
+    """The format a checkpoint reader should be forced to (None = detect; whole-model formats have no reader)."""
+    return art.format if art.format not in (None, "savedmodel", "keras") else None
 
 
 def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool | None = None,

@@ -21,3 +21,19 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     yield
+
+
+class Sleeps:
+    """A RetryPolicy sleep that records the delays instead of sleeping (tests count backoff, never time it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    """A fresh sleep recorder for a RetryPolicy."""
+    return Sleeps()

@@ -29,23 +29,8 @@ MiB = 1 << 20
 TOKEN = "hf_ReliabilitySecret000111222333"
 
 
-class Sleeps:
-    """A RetryPolicy sleep that records the delays instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-
 @pytest.fixture
-def sleeps() -> Sleeps:
-    return Sleeps()
-
-
-@pytest.fixture
-def retries(sleeps: Sleeps) -> RetryPolicy:
+def retries(sleeps) -> RetryPolicy:
     return RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, max_retry_after=3600, sleep=sleeps)
 
 

@@ -37,23 +37,8 @@ def _data(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-class Sleeps:
-    """A RetryPolicy sleep that records delays instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-
 @pytest.fixture
-def sleeps() -> Sleeps:
-    return Sleeps()
-
-
-@pytest.fixture
-def policy(sleeps: Sleeps) -> RetryPolicy:
+def policy(sleeps) -> RetryPolicy:
     return RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05, max_retry_after=3600, sleep=sleeps)
 
 
