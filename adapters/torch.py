@@ -227,10 +227,16 @@ class TorchPickleReader:
 
 
 class _FileStorages:
-    """Copy-on-write memory maps of safetensors files, one per file, shared by its tensors."""
+    """One torch storage per safetensors file, shared by all its tensors.
+
+    ``get`` is a private copy-on-write map that a model may own (``assign=True``); ``readonly`` wraps the
+    reader's own read-only map for tensors that are only copied from (one ``from_numpy`` per file instead of
+    one per tensor).
+    """
 
     def __init__(self) -> None:
         self._maps: dict[pathlib.Path, torch.UntypedStorage] = {}
+        self._readonly: dict[pathlib.Path, torch.UntypedStorage] = {}
 
     def get(self, path: pathlib.Path) -> torch.UntypedStorage:
         """The (private, copy-on-write) mapping of ``path``."""
@@ -239,6 +245,15 @@ class _FileStorages:
             self._maps[path] = torch.UntypedStorage.from_file(str(path), shared=False,
                                                               nbytes=os.path.getsize(path))
         return self._maps[path]
+
+    def readonly(self, reader: SafetensorsReader) -> torch.UntypedStorage:
+        """Storage over ``reader``'s read-only map of its file (valid while this object lives)."""
+        if reader.path not in self._readonly:
+            with warnings.catch_warnings():
+                # from_numpy warns on read-only memory; these tensors are only copied from, never written.
+                warnings.simplefilter("ignore", UserWarning)
+                self._readonly[reader.path] = torch.from_numpy(reader.buffer()).untyped_storage()
+        return self._readonly[reader.path]
 
 
 def _torch_dtype(dtype_name: str) -> torch.dtype:
@@ -249,10 +264,13 @@ def _torch_dtype(dtype_name: str) -> torch.dtype:
     return dt
 
 
-def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages) -> torch.Tensor | None:
-    """Zero-copy tensor from a safetensors file behind ``reader``, or None if it is not one."""
+def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages, owned: bool) -> torch.Tensor | None:
+    """Zero-copy tensor from a safetensors file behind ``reader``, or None if it is not one.
+
+    ``owned``: from the copy-on-write map a model may keep; else from the reader's read-only map.
+    """
     if isinstance(reader, ShardedReader):
-        return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages)
+        return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages, owned)
     if not isinstance(reader, SafetensorsReader):
         return None
     info = reader.header.tensors.get(tensor_name)
@@ -264,7 +282,7 @@ def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages) ->
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if end == begin:
         return torch.zeros(info.shape, dtype=dtype)
-    whole = storages.get(reader.path)
+    whole = storages.get(reader.path) if owned else storages.readonly(reader)
     if start % itemsize:  # unaligned data (non-standard writer): take a copy of just this tensor
         raw = torch.empty(0, dtype=torch.uint8).set_(whole)[start:start + (end - begin)].clone()
         return raw.view(dtype).reshape(info.shape)
@@ -299,18 +317,16 @@ def to_torch(reader: Any, tensor_name: str, *, _storages: _FileStorages | None =
         reader: A :class:`~hubload.readers.CheckpointReader`.
         tensor_name: The tensor's native name in the checkpoint.
         owned: The tensor may become a model's own (``assign=True``): safetensors data then comes from a
-            private copy-on-write torch storage over the file. False (the data is only copied from) reads
-            the reader's pre-faulted read-only map, which is faster to copy from than faulting pages in.
+            private copy-on-write torch storage over the file. False (the data is only copied from): a view
+            of the reader's own read-only map (the copy faults its pages in).
 
     Returns:
         ``(tensor, readonly)``: ``readonly`` is True when the tensor shares read-only memory (a
         numpy memory map) and must be cloned before a model may own it.
     """
-    if owned:
-        storages = _storages or _FileStorages()
-        t = _from_safetensors(reader, tensor_name, storages)
-        if t is not None:
-            return t, False
+    t = _from_safetensors(reader, tensor_name, _storages or _FileStorages(), owned)
+    if t is not None:
+        return t, not owned
     data = reader.get(tensor_name)
     if isinstance(data, torch.Tensor):
         return data, False

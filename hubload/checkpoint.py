@@ -119,6 +119,11 @@ def numpy_dtype(name: str) -> Any:
         raise CheckpointError(f"unknown dtype {name!r}; hubload knows {sorted(v for v, _ in SAFETENSORS_DTYPES.values())}") from exc
 
 
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64", "long": "int64", "int": "int32",
+                  "bool_": "bool", "short": "int16"}  # torch aliases and numpy's platform names
+_canonical_dtypes: dict[Any, str] = {}  # dtype object -> name, filled as dtypes are seen (a few dozen at most)
+
+
 def canonical_dtype(dtype: Any) -> str:
     """Canonical dtype name of a numpy, torch or TensorFlow dtype (or a string naming one).
 
@@ -128,18 +133,23 @@ def canonical_dtype(dtype: Any) -> str:
     Returns:
         "float32", "bfloat16", "int64" ... (torch's ``torch.`` prefix dropped).
     """
+    try:
+        return _canonical_dtypes[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable object; it is named below, not remembered
+        pass
     if isinstance(dtype, str):
-        if dtype in SAFETENSORS_DTYPES:
-            return SAFETENSORS_DTYPES[dtype][0]
-        name = dtype
+        name = SAFETENSORS_DTYPES[dtype][0] if dtype in SAFETENSORS_DTYPES else dtype
     elif hasattr(dtype, "is_floating_point") and str(dtype).startswith("torch."):
         name = str(dtype)
     else:
         name = getattr(dtype, "name", None) or str(dtype)
-    name = name.removeprefix("torch.")
-    # torch aliases and numpy's platform names
-    return {"float": "float32", "half": "float16", "double": "float64", "long": "int64", "int": "int32",
-            "bool_": "bool", "short": "int16"}.get(name, name)
+    name = _DTYPE_ALIASES.get(name.removeprefix("torch."), name.removeprefix("torch."))
+    try:
+        if len(_canonical_dtypes) < 1024:  # bounded: arbitrary strings must not grow it forever
+            _canonical_dtypes[dtype] = name
+    except TypeError:
+        pass
+    return name
 
 
 # --------------------------------------------------------------------------------------------- readers
