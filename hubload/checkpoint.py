@@ -141,6 +141,10 @@ def canonical_dtype(dtype: Any) -> str:
         name = SAFETENSORS_DTYPES[dtype][0] if dtype in SAFETENSORS_DTYPES else dtype
     elif hasattr(dtype, "is_floating_point") and str(dtype).startswith("torch."):
         name = str(dtype)
+    elif isinstance(dtype, type) and dtype.__module__.split(".")[0] in ("numpy", "ml_dtypes"):
+        import numpy as np  # a scalar type (np.float32, np.bool_) rather than a dtype: numpy names it
+
+        name = np.dtype(dtype).name
     else:
         name = getattr(dtype, "name", None) or str(dtype)
     name = _DTYPE_ALIASES.get(name.removeprefix("torch."), name.removeprefix("torch."))

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -94,6 +95,51 @@ def test_safetensors_get_is_zero_copy_readonly_and_survives_close(tmp_path):
     np.testing.assert_array_equal(w, np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(CheckpointError, match="no tensor named 'nope'"):
         r.get("nope")
+
+
+def _maps_of(path: pathlib.Path) -> int:
+    """How many of this process's memory mappings are of ``path``."""
+    return sum(line.rstrip().endswith(str(path)) for line in pathlib.Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_safetensors_buffer_is_the_whole_file_read_only(tmp_path):
+    path = tmp_path / "m.safetensors"
+    stnp.save_file(_arrays(), str(path), metadata={"k": "v"})
+    r = SafetensorsReader(path)
+    buf = r.buffer()
+    assert buf.dtype == np.uint8 and not buf.flags.writeable
+    assert bytes(buf) == path.read_bytes()
+    assert r.buffer() is buf  # one map per reader
+    h = r.header
+    b, e = h.offsets["f32"]
+    np.testing.assert_array_equal(buf[h.data_start + b:h.data_start + e].view("<f4").reshape(3, 4), _arrays()["f32"])
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
+def test_safetensors_close_unmaps_the_file_once_nothing_uses_it(tmp_path):
+    path = tmp_path / "m.safetensors"
+    stnp.save_file(_arrays(), str(path))
+    r = SafetensorsReader(path)
+    kept = r.get("f32")
+    assert _maps_of(path) == 1
+    r.close()  # an array handed out keeps the map alive
+    assert _maps_of(path) == 1
+    np.testing.assert_array_equal(kept, _arrays()["f32"])
+    r2 = SafetensorsReader(path)
+    r2.get("f16")
+    assert _maps_of(path) == 2
+    r2.close()  # the last reference: unmapped on a background thread
+    for _ in range(500):
+        if _maps_of(path) == 1:
+            break
+        time.sleep(0.01)
+    assert _maps_of(path) == 1
+    del kept
+    for _ in range(500):
+        if _maps_of(path) == 0:
+            break
+        time.sleep(0.01)
+    assert _maps_of(path) == 0
 
 
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"])
@@ -517,3 +563,21 @@ def test_torch_pickles_and_bin_shards_through_open_checkpoint(tmp_path):
         assert isinstance(r, ShardedReader) and r.format == "torch"
         assert set(r.tensors()) == set(sd)
         assert torch.equal(r.get("a.weight"), sd["a.weight"])
+
+
+def test_canonical_dtype_names_every_kind_of_dtype_and_remembers_none_wrongly():
+    from hubload.checkpoint import canonical_dtype
+
+    class Unhashable:  # a dtype-like object without __hash__ (defines __eq__)
+        name = "bfloat16"
+
+        def __eq__(self, other):
+            return False
+
+    torch = pytest.importorskip("torch")
+    cases = [(torch.float32, "float32"), (torch.long, "int64"), (np.dtype(">f4"), "float32"),
+             (np.dtype("int16"), "int16"), ("F32", "float32"), ("BF16", "bfloat16"), ("float", "float32"),
+             ("torch.float16", "float16"), (Unhashable(), "bfloat16"), (np.bool_, "bool"),
+             (np.float16, "float16")]
+    for _ in range(2):  # the second round is served from the memo
+        assert [canonical_dtype(d) for d, _ in cases] == [want for _, want in cases]

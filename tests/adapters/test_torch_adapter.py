@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -232,6 +234,60 @@ def test_apply_loads_everything(tmp_path, suffix):
     x = torch.randn(5, 4)
     with torch.no_grad():
         assert torch.equal(model(x), src(x))
+
+
+def test_to_torch_copy_source_is_a_view_of_the_readers_map(tmp_path):
+    src = _source()
+    path = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(src.state_dict(), str(path))
+    with open_checkpoint(path) as reader:
+        base = reader.buffer().ctypes.data
+        storages = torch_adapter._FileStorages()
+        w, ro_w = torch_adapter.to_torch(reader, "dense1.weight", _storages=storages, owned=False)
+        b, ro_b = torch_adapter.to_torch(reader, "dense2.bias", _storages=storages, owned=False)
+        assert ro_w and ro_b  # read-only memory: must be cloned before a model may own it
+        assert torch.equal(w, src.dense1.weight) and torch.equal(b, src.dense2.bias)
+        assert w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == base  # one storage per file
+        owned, ro = torch_adapter.to_torch(reader, "dense1.weight", owned=True)
+        assert not ro and torch.equal(owned, src.dense1.weight)
+        assert owned.untyped_storage().data_ptr() != base  # the private copy-on-write map
+
+
+def _unaligned_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    """A valid safetensors file whose data starts at an odd offset (its header is not padded to 8 bytes)."""
+    header: dict[str, object] = {}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        raw = t.detach().contiguous().numpy().tobytes()  # little-endian on every machine torch runs on
+        dt = {torch.float32: "F32", torch.uint8: "U8", torch.int64: "I64"}[t.dtype]
+        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    while (8 + len(text)) % 4 != 1:  # the data starts 1 past a 4-byte boundary
+        text += b" "
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_unaligned_tensor_data_loads_correctly(tmp_path, on_meta):
+    src = _source()
+    sd = {"pad": torch.tensor([1], dtype=torch.uint8), **src.state_dict()}
+    path = tmp_path / "odd.safetensors"
+    _unaligned_safetensors(path, sd)
+    with open_checkpoint(path) as reader:
+        start = reader.header.data_start + reader.header.offsets["dense1.weight"][0]
+        assert start % 4  # the case under test: float32 data not on a 4-byte boundary
+    if on_meta:
+        with torch.device("meta"):
+            model = Net()
+    else:
+        model = Net()
+    with open_checkpoint(path) as reader:
+        report = _plan(model, reader, ignore=["pad"])
+        torch_adapter.apply(model, report, reader)
+    assert report.ok
+    _assert_same_state(model.eval(), src)
 
 
 def test_shape_mismatch_fails_before_any_copy(tmp_path):
