@@ -286,7 +286,10 @@ def _release_in_background(box: list[Any]) -> None:
     mmap's dealloc unmaps without the GIL. ``_thread.start_new_thread`` returns at once; ``threading.Thread.start``
     waits until the new thread runs, which cost up to 4 ms on a busy 2-core machine.
     """
-    _thread.start_new_thread(box.clear, ())
+    try:
+        _thread.start_new_thread(box.clear, ())
+    except RuntimeError:  # no new threads (interpreter shutdown, a thread limit): unmap here instead
+        box.clear()
 
 
 def _map_readonly(path: pathlib.Path, length: int) -> Any:

@@ -581,3 +581,18 @@ def test_canonical_dtype_names_every_kind_of_dtype_and_remembers_none_wrongly():
              (np.float16, "float16")]
     for _ in range(2):  # the second round is served from the memo
         assert [canonical_dtype(d) for d, _ in cases] == [want for _, want in cases]
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
+def test_safetensors_close_unmaps_in_place_when_no_thread_can_start(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    stnp.save_file(_arrays(), str(path))
+    r = SafetensorsReader(path)
+    r.get("f32")
+
+    def refuse(*a, **k):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(safetensors_io._thread, "start_new_thread", refuse)
+    r.close()
+    assert _maps_of(path) == 0  # released synchronously, no error
