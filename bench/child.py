@@ -188,41 +188,39 @@ def _cached_minilm(a: dict[str, Any]) -> None:
     hubload.pull(a["model"], registry=a["registry"], cache_dir=a["cache"], progress=False)
 
 
-def torch_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
-    """``hubload.load(id, model=twin)`` of a cached pinned entry (resolve + check + apply), model built first."""
-    import torch  # noqa: F401
-
+def _timed_minilm_load(a: dict[str, Any], build: Any) -> dict[str, Any]:
+    """Cache the MiniLM entry, build the twin with ``build(**config)``, then time ``hubload.load(id, model=twin)``."""
     import hubload
-    import hubload.api  # noqa: F401 - imported before timing, as the baseline imports safetensors.torch
-    from hubload.adapters import torch as _adapter  # noqa: F401
-    from hubload.adapters import zoo_torch
 
     _import_load_path()
     _cached_minilm(a)
-    model = zoo_torch.bert(**a["config"])
+    model = build(**a["config"])
     t = time.perf_counter()
     _, report = hubload.load(a["model"], model=model, registry=a["registry"], cache_dir=a["cache"],
                              return_report=True)
     dt = time.perf_counter() - t
     return {"seconds": dt, "matched": len(report.matched), "ok": report.ok}
+
+
+def torch_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
+    """``hubload.load(id, model=twin)`` of a cached pinned entry (resolve + check + apply), model built first."""
+    import torch  # noqa: F401
+
+    import hubload.api  # noqa: F401 - imported before timing, as the baseline imports safetensors.torch
+    from hubload.adapters import torch as _adapter  # noqa: F401
+    from hubload.adapters import zoo_torch
+
+    return _timed_minilm_load(a, zoo_torch.bert)
 
 
 def keras_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
     """``hubload.load(id, model=keras_twin)`` from the torch-layout file: transposes included in the time."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import hubload
     import hubload.api  # noqa: F401
     from hubload.adapters import tf as _adapter  # noqa: F401
     from hubload.adapters import zoo_keras
 
-    _import_load_path()
-    _cached_minilm(a)
-    model = zoo_keras.bert(**a["config"])
-    t = time.perf_counter()
-    _, report = hubload.load(a["model"], model=model, registry=a["registry"], cache_dir=a["cache"],
-                             return_report=True)
-    dt = time.perf_counter() - t
-    return {"seconds": dt, "matched": len(report.matched), "ok": report.ok}
+    return _timed_minilm_load(a, zoo_keras.bert)
 
 
 def meta_rss_hubload(a: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from hubload.adapters import zoo_keras, zoo_torch  # noqa: E402
 from hubload.cli import cli  # noqa: E402
 from hubload.relayout import convert  # noqa: E402
 from hubload.errors import HubloadError, IncompatibleWeightsError, ModelNotFoundError  # noqa: E402
+from tests.seed_models import MyModel, TorchMyModel  # noqa: E402
 from tests.servers import file_sha256  # noqa: E402
 
 IN, HID, OUT = 8, 16, 3
@@ -475,28 +476,6 @@ def test_cli_check_exit_codes(cli_registry, framework):
 
 
 # ---------------------------------------------------------------------------------------- issue 3, "Done when"
-
-
-class MyModel(keras.Model):
-    """The seed example: Dense(64, relu) as dense1, Dense(10) as dense2."""
-
-    def __init__(self):
-        super().__init__()
-        self.dense1 = keras.layers.Dense(64, activation="relu")
-        self.dense2 = keras.layers.Dense(10)
-
-    def call(self, inputs):
-        return self.dense2(self.dense1(inputs))
-
-
-class TorchMyModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.dense1 = torch.nn.Linear(IN, 64)
-        self.dense2 = torch.nn.Linear(64, 10)
-
-    def forward(self, inputs):
-        return self.dense2(torch.relu(self.dense1(inputs)))
 
 
 def test_seed_example_both_ways(tmp_path, x):
