@@ -67,6 +67,14 @@ def _load(model, path, *, key=None, **options):
     return report
 
 
+def _save(state_dict, path) -> None:
+    """Write a state dict as ``.pt`` or ``.safetensors``, by the path's suffix."""
+    if path.suffix == ".pt":
+        torch.save(state_dict, path)
+    else:
+        safetensors_torch.save_file(state_dict, str(path))
+
+
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -221,10 +229,7 @@ def test_spec_on_meta_device():
 def test_apply_loads_everything(tmp_path, suffix):
     src = _source()
     path = tmp_path / f"w{suffix}"
-    if suffix == ".pt":
-        torch.save(src.state_dict(), path)
-    else:
-        safetensors_torch.save_file(src.state_dict(), str(path))
+    _save(src.state_dict(), path)
     model = Net().eval()
 
     report = _load(model, path)
@@ -388,10 +393,7 @@ def test_dtype_policies(tmp_path):
 def test_meta_model_materialised_without_a_second_copy(tmp_path, suffix):
     src = _source()
     path = tmp_path / f"w{suffix}"
-    if suffix == ".pt":
-        torch.save(src.state_dict(), path)
-    else:
-        safetensors_torch.save_file(src.state_dict(), str(path))
+    _save(src.state_dict(), path)
     with torch.device("meta"):
         model = Net().eval()
 
