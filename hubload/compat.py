@@ -16,7 +16,8 @@ from typing import Any, Iterable, Mapping
 
 from hubload.checkpoint import canonical_dtype
 from hubload.errors import IncompatibleWeightsError
-from hubload.layout import Transform, align_prefixes, ignorable_reason, strip_wrapper_prefixes
+from hubload.keys import align_prefixes, ignorable_reason, strip_wrapper_prefixes
+from hubload.layout import Transform
 
 __all__ = ["CompatReport", "DtypeCast", "Ignored", "Match", "ShapeMismatch", "check"]
 
@@ -116,8 +117,6 @@ class CompatReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form with every key (shapes as lists, transforms as dicts)."""
         def conv(obj: Any) -> Any:
-            if isinstance(obj, Transform):
-                return obj.to_dict()
             if isinstance(obj, tuple):
                 return [conv(o) for o in obj]
             if isinstance(obj, list):

@@ -26,13 +26,20 @@ Notes on the table:
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from hubload.checkpoint import canonical_dtype
 from hubload.errors import CheckpointError, RegistryError
+from hubload.keys import (  # re-exported: key matching used to live here
+    NON_PERSISTENT_BUFFERS,
+    WRAPPER_PREFIXES,
+    PrefixAlignment,
+    align_prefixes,
+    ignorable_reason,
+    strip_wrapper_prefixes,
+)
 
 __all__ = [
     "KERAS_LAYER_RULES",
@@ -60,7 +67,6 @@ __all__ = [
 ]
 
 TF_VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -230,6 +236,12 @@ KERAS_RULES: tuple[Rule, ...] = (
 
 _KNOWN_KERAS_LEAVES = frozenset(r.keras_leaf for r in KERAS_RULES)
 
+
+def _plain_leaf(leaf: str) -> str:
+    """A Keras leaf without the leading underscore Keras 3 TF checkpoints add ("_kernel" -> "kernel")."""
+    return leaf[1:] if leaf.startswith("_") and leaf[1:] in _KNOWN_KERAS_LEAVES else leaf
+
+
 # Layer classes (snake case) whose variables need a rule that leaf + rank alone would not pick:
 # Keras 3 names a DepthwiseConv2D kernel plain "kernel", indistinguishable from a Conv2D kernel.
 KERAS_LAYER_RULES: dict[str, dict[str, str]] = {
@@ -297,8 +309,7 @@ def keras_name_to_canonical(path: str, shape: Sequence[int], *, layer: str | Non
     """
     path = normalize_keras_path(path)
     *parents, leaf = path.split("/")
-    if leaf.startswith("_") and leaf[1:] in _KNOWN_KERAS_LEAVES:  # Keras 3 TF checkpoints: "_kernel"
-        leaf = leaf[1:]
+    leaf = _plain_leaf(leaf)
     found = _find_rule(leaf, len(shape), rules, rule=rule, layer=layer)
     canonical = ".".join([*parents, found.torch_leaf if found else leaf])
     if found is None:
@@ -332,7 +343,7 @@ def canonical_to_keras(name: str, shape: Sequence[int], leaf_hint: str, *,
         ValueError: A depthwise kernel without ``keras_shape``, or ``keras_shape`` inconsistent.
     """
     *parents, leaf = name.split(".")
-    keras_leaf = leaf_hint[1:] if leaf_hint.startswith("_") and leaf_hint[1:] in _KNOWN_KERAS_LEAVES else leaf_hint
+    keras_leaf = _plain_leaf(leaf_hint)
     path = "/".join([*parents, leaf_hint])
     found = None
     if rule is not None or layer is not None:
@@ -518,137 +529,3 @@ def from_canonical(tensors: Mapping[str, Any], leaf_hints: Mapping[str, str], *,
         out[name] = canonical_to_keras(name, tuple(info.shape), hint, keras_shape=ks,
                                        layer=(layer_kinds or {}).get(name), rules=rules)
     return out
-
-
-# -------------------------------------------------------------------------------- key normalisation
-
-
-def strip_wrapper_prefixes(names: Iterable[str]) -> tuple[dict[str, str], int]:
-    """Strip leading ``module.`` / ``_orig_mod.`` wrapper prefixes (DataParallel, torch.compile).
-
-    Args:
-        names: Names to normalise.
-
-    Returns:
-        ``(mapping stripped -> original, number of names changed)``. A name whose stripped form would
-        collide with another keeps its original spelling.
-    """
-    out: dict[str, str] = {}
-    changed = 0
-    names = list(names)
-    plain = set(names)
-    for n in names:
-        s = n
-        while s.startswith(WRAPPER_PREFIXES):
-            s = s.split(".", 1)[1]
-        if s != n and (s in plain or s in out):
-            s = n  # keep both apart rather than merge two tensors
-        changed += s != n
-        out[s] = n
-    return out, changed
-
-
-@dataclass(frozen=True)
-class PrefixAlignment:
-    """Result of :func:`align_prefixes`.
-
-    Attributes:
-        mapping: Aligned checkpoint name -> original checkpoint name.
-        action: "add", "strip" or None (nothing changed).
-        prefix: The prefix added or stripped ("bert.").
-        count: Number of names changed.
-    """
-
-    mapping: dict[str, str]
-    action: str | None = None
-    prefix: str = ""
-    count: int = 0
-
-    def describe(self) -> str:
-        """One line for reports ("stripped 'bert.' from 199 checkpoint keys")."""
-        if self.action is None:
-            return ""
-        verb = "added" if self.action == "add" else "stripped"
-        prep = "to" if self.action == "add" else "from"
-        return f"{verb} {self.prefix!r} {prep} {self.count} checkpoint keys"
-
-
-def _first_segments(names: Iterable[str], limit: int = 4) -> list[str]:
-    """Most common first dotted segments (with their dot)."""
-    counts: dict[str, int] = {}
-    for n in names:
-        if "." in n:
-            seg = n.split(".", 1)[0] + "."
-            counts[seg] = counts.get(seg, 0) + 1
-    return [s for s, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]]
-
-
-def align_prefixes(ckpt_names: Iterable[str], model_names: Iterable[str]) -> PrefixAlignment:
-    """Add or strip one base-model prefix (``bert.``) on checkpoint names when that lines names up.
-
-    A candidate prefix is a common first segment of the checkpoint names (to strip) or of the model
-    names (to add). It is applied only to names that do not already match the model, and accepted only
-    if the number of matching names grows by at least max(1, 5% of the smaller side).
-
-    Args:
-        ckpt_names: Canonical checkpoint names.
-        model_names: Canonical model names.
-
-    Returns:
-        The :class:`PrefixAlignment` (identity mapping when nothing helps).
-    """
-    ckpt = list(ckpt_names)
-    model = set(model_names)
-    base = sum(n in model for n in ckpt)
-    best: tuple[int, str, str, dict[str, str], int] | None = None
-    candidates = [("strip", p) for p in _first_segments(ckpt)] + [("add", p) for p in _first_segments(model)]
-    for action, prefix in candidates:
-        mapping: dict[str, str] = {}
-        changed = 0
-        for n in ckpt:
-            new = n
-            if n not in model:
-                if action == "strip" and n.startswith(prefix):
-                    new = n[len(prefix):]
-                elif action == "add" and not n.startswith(prefix):
-                    new = prefix + n
-            if new in mapping:  # collision: refuse this candidate
-                break
-            changed += new != n
-            mapping[new] = n
-        else:
-            score = sum(n in model for n in mapping)
-            if best is None or score > best[0]:
-                best = (score, action, prefix, mapping, changed)
-    needed = max(1, math.ceil(0.05 * min(len(ckpt), len(model)))) if ckpt and model else 1
-    if best is not None and best[0] - base >= needed:
-        score, action, prefix, mapping, changed = best
-        return PrefixAlignment(mapping, action, prefix, changed)
-    return PrefixAlignment({n: n for n in ckpt})
-
-
-# Known buffers that checkpoints may or may not carry. (glob, side, reason); side is where an
-# *unpaired* name is forgiven: "checkpoint" (present only there), "model", or "both".
-NON_PERSISTENT_BUFFERS: tuple[tuple[str, str, str], ...] = (
-    ("*position_ids", "both", "non-persistent buffer (position ids are recomputed by the model)"),
-    ("*num_batches_tracked", "both", "BatchNorm step counter (only used with momentum=None)"),
-    ("*.attn.bias", "checkpoint", "causal-mask buffer saved by older checkpoints"),
-    ("*.attn.masked_bias", "checkpoint", "causal-mask buffer saved by older checkpoints"),
-    ("*rotary_emb.inv_freq", "checkpoint", "non-persistent rotary-embedding buffer"),
-)
-
-
-def ignorable_reason(name: str, side: str) -> str | None:
-    """Why an unpaired tensor may be ignored, or None if it is a real problem.
-
-    Args:
-        name: Canonical name present on only one side.
-        side: "checkpoint" (the model lacks it) or "model" (the checkpoint lacks it).
-
-    Returns:
-        The reason string, or None.
-    """
-    for pattern, where, reason in NON_PERSISTENT_BUFFERS:
-        if (where == "both" or where == side) and fnmatch.fnmatchcase(name, pattern):
-            return reason
-    return None
