@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from hubload.errors import HubloadError, MissingDependencyError, RegistryError
+from hubload.errors import HubloadError, IncompatibleWeightsError, MissingDependencyError, RegistryError
 
 __all__ = [
     "ADAPTER_ALIASES",
@@ -99,6 +99,14 @@ class Adapter(Protocol):
 
     def build(self, architecture: str, config: dict[str, Any]) -> Any:
         """Instantiate ``"module:callable"`` with ``config`` as keywords."""
+
+
+def _nothing_loaded_error(reader: Any, model: Any, problems: list[str], report: Any,
+                          verb: str) -> IncompatibleWeightsError:
+    """The all-or-nothing refusal of an adapter's ``apply``: every problem listed, nothing was ``verb``."""
+    return IncompatibleWeightsError(
+        f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "
+        f"{type(model).__name__}; nothing was {verb}:\n  " + "\n  ".join(problems), report=report)
 
 
 def _import_builtin(name: str) -> Any:

@@ -39,9 +39,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hubload.adapters import ModelTensor, call_architecture
+from hubload.adapters import ModelTensor, _nothing_loaded_error, call_architecture
 from hubload.adapters._keras_paths import keras_variable_owners
-from hubload.checkpoint import TensorInfo, canonical_dtype, numpy_dtype
+from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype, numpy_dtype, to_numpy
 from hubload.errors import (
     CheckpointError,
     HubloadError,
@@ -100,7 +100,7 @@ def _resolve_prefix(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-class TFCheckpointReader:
+class TFCheckpointReader(ReaderBase):
     """A ``tf.train.Checkpoint`` (TF2 object-based checkpoint) read by variable name.
 
     Keys like ``model/dense1/_kernel/.ATTRIBUTES/VARIABLE_VALUE`` become ``dense1/_kernel``: the
@@ -152,7 +152,7 @@ class TFCheckpointReader:
 
         self._extra_sources: dict[str, str] = {}
         self.extra: dict[str, TensorInfo] = {}
-        by_root: dict[str, list[str]] = {}
+        by_root: dict[str, list[tuple[str, str]]] = {}  # root -> [(full key, key without suffix)]
         for full in sorted(shapes):
             if full == _OBJECT_GRAPH or not full.endswith(TF_VARIABLE_SUFFIX):
                 continue  # object graph / serialized configs, not tensors
@@ -161,7 +161,7 @@ class TFCheckpointReader:
             if root in _EXTRA_ROOTS or _SLOT_MARKER in full:
                 self._add_extra(full, info(full, short))
                 continue
-            by_root.setdefault(root, []).append(full)
+            by_root.setdefault(root, []).append((full, short))
         self.roots = {r: len(v) for r, v in by_root.items()}
 
         if key is not None:
@@ -182,9 +182,8 @@ class TFCheckpointReader:
 
         self.sources: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
-        for root, fulls in by_root.items():
-            for full in fulls:
-                short = full[: -len(TF_VARIABLE_SUFFIX)]
+        for root, entries in by_root.items():
+            for full, short in entries:
                 if self.root and root != self.root:
                     self._add_extra(full, info(full, short))
                     continue
@@ -202,10 +201,6 @@ class TFCheckpointReader:
         """The checkpoint's ``save_counter`` (None when it has none)."""
         full = self._extra_sources.get("save_counter")
         return None if full is None else int(self._reader.get_tensor(full))
-
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Model variables: names (root and suffix stripped), shapes and dtypes from the index."""
-        return dict(self._infos)
 
     def get(self, name: str) -> np.ndarray:
         """Read one model variable as a numpy array.
@@ -228,18 +223,6 @@ class TFCheckpointReader:
 
     def close(self) -> None:
         """Nothing to release (TF's reader holds no OS resources beyond the process)."""
-
-    def __enter__(self) -> TFCheckpointReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
 
     def __repr__(self) -> str:
         return f"<TFCheckpointReader {str(self.path)!r} root={self.root!r} {len(self._infos)} variables>"
@@ -293,24 +276,6 @@ def spec(model: Any) -> dict[str, ModelTensor]:
         out[canonical] = ModelTensor(canonical, cshape, canonical_dtype(var.dtype), path,
                                      fwd.inverse() if fwd is not None else None, rule, var)
     return out
-
-
-def to_numpy(data: Any) -> np.ndarray:
-    """A numpy array from a reader's tensor (numpy already, or a torch tensor from a ``.pt`` file).
-
-    torch is never imported here; a torch tensor arrives only if torch is loaded already.
-    """
-    if type(data).__module__.split(".")[0] == "torch":
-        t = data.detach().cpu()
-        dtype_name = canonical_dtype(t.dtype)
-        if dtype_name == "bfloat16" or dtype_name.startswith("float8"):
-            # numpy has no such types; reinterpret the bytes as ml_dtypes' equivalent.
-            import torch
-
-            raw = t.contiguous().view(torch.uint16 if t.element_size() == 2 else torch.uint8)
-            return raw.numpy().view(numpy_dtype(dtype_name))
-        return t.numpy()
-    return np.asarray(data)
 
 
 @contextlib.contextmanager
@@ -404,9 +369,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
         # each tensor is materialised just before its own assignment, so peak memory stays one tensor.
         pending.append((var, arr))
     if problems:
-        raise IncompatibleWeightsError(
-            f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "
-            f"{type(model).__name__}; nothing was assigned:\n  " + "\n  ".join(problems), report=report)
+        raise _nothing_loaded_error(reader, model, problems, report, "assigned")
     with _strategy_scope(model):
         for var, arr in pending:
             var.assign(_owned_tensor(arr, numpy_dtype(canonical_dtype(var.dtype))))

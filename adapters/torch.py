@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from hubload.adapters import ModelTensor, call_architecture
-from hubload.checkpoint import TensorInfo, canonical_dtype
+from hubload.adapters import ModelTensor, _nothing_loaded_error, call_architecture
+from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype
 from hubload.errors import (
     CheckpointError,
     HubloadError,
@@ -136,7 +136,7 @@ def _select(obj: Any, key: str | None, path: pathlib.Path) -> tuple[str | None, 
                           f"top-level entries: {sorted(str(k) for k in obj)}. Pass key=... to choose one")
 
 
-class TorchPickleReader:
+class TorchPickleReader(ReaderBase):
     """A PyTorch pickle checkpoint opened with ``weights_only=True`` and memory-mapped.
 
     Args:
@@ -186,6 +186,10 @@ class TorchPickleReader:
             raise CheckpointError(f"{self.path}: reader is closed")
         return self._tensors
 
+    def _table(self) -> dict[str, torch.Tensor]:
+        """``in`` and ``len()`` answer from the tensor dict (no TensorInfo built) and fail once closed."""
+        return self._live()
+
     def tensors(self) -> dict[str, TensorInfo]:
         """Names, shapes and dtypes from the tensors' metadata (no data pages touched)."""
         return {k: TensorInfo(k, tuple(t.shape), canonical_dtype(t.dtype), t.numel() * t.element_size())
@@ -206,18 +210,6 @@ class TorchPickleReader:
     def close(self) -> None:
         """Drop the references (tensors already handed out stay valid)."""
         self._tensors = None
-
-    def __enter__(self) -> TorchPickleReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._live()
-
-    def __len__(self) -> int:
-        return len(self._live())
 
     def __repr__(self) -> str:
         return f"<TorchPickleReader {str(self.path)!r} key={self.key!r}>"
@@ -279,7 +271,7 @@ def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages, ow
     dtype = _torch_dtype(info.dtype)
     begin, end = reader.header.offsets[tensor_name]
     start = reader.header.data_start + begin
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if end == begin:
         return torch.zeros(info.shape, dtype=dtype)
     whole = storages.get(reader.path) if owned else storages.readonly(reader)
@@ -414,10 +406,9 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
         CheckpointError: A tensor cannot be read.
     """
     report.raise_if_incompatible()
-    if model_spec is not None:  # the caller's spec(model): its handles are the state_dict tensors
-        model_sd = {k: t.handle for k, t in model_spec.items()}
-    else:
-        model_sd = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    if model_spec is None:
+        model_spec = spec(model)
+    model_sd = {k: t.handle for k, t in model_spec.items()}  # spec handles are the state_dict tensors
     on_meta = any(v.is_meta for v in model_sd.values())
     assign = on_meta or dtype_policy != "model"
     storages = _FileStorages()
@@ -451,9 +442,7 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
                 t = t.to(dev)
         converted[m.key] = t
     if problems:
-        raise IncompatibleWeightsError(
-            f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "
-            f"{type(model).__name__}; nothing was copied:\n  " + "\n  ".join(problems), report=report)
+        raise _nothing_loaded_error(reader, model, problems, report, "copied")
 
     result = model.load_state_dict(converted, strict=False, assign=assign)
     expected_missing = set(model_sd) - set(converted)

@@ -1,9 +1,10 @@
 """The checkpoint reader contract shared by every format: what a tensor looks like before it is read.
 
 :class:`TensorInfo` and the :class:`CheckpointReader` protocol are what the readers return and implement,
-:class:`ReaderBase` is their common context-manager plumbing, and the dtype helpers map every framework's
-dtype to one canonical name. Kept apart from the format modules (``safetensors_io``, ``npz_io``,
-``keras_h5``) and from format detection (``readers``) so that each of those can import it without cycles.
+:class:`ReaderBase` is their common plumbing, the dtype helpers map every framework's dtype to one canonical
+name, and :func:`to_numpy` turns any reader's tensor into a numpy array. Kept apart from the format modules
+(``safetensors_io``, ``npz_io``, ``keras_h5``) and from format detection (``readers``) so that each of those
+can import it without cycles.
 
 numpy and ml_dtypes are imported inside functions: ``import hubload`` stays light.
 """
@@ -11,6 +12,7 @@ numpy and ml_dtypes are imported inside functions: ``import hubload`` stays ligh
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +25,7 @@ __all__ = [
     "TensorInfo",
     "canonical_dtype",
     "numpy_dtype",
+    "to_numpy",
 ]
 
 # safetensors dtype tag -> (canonical dtype name, itemsize in bytes). Canonical names are numpy /
@@ -156,15 +159,44 @@ def canonical_dtype(dtype: Any) -> str:
     return name
 
 
+def to_numpy(data: Any) -> Any:
+    """A numpy array from a reader's tensor (numpy already, or a torch tensor from a ``.pt`` file).
+
+    bfloat16 and float8 torch tensors become ml_dtypes arrays over the same bytes. torch is never imported
+    here: a torch tensor (recognised by its type's module) arrives only if torch is loaded already.
+    """
+    import numpy as np
+
+    if isinstance(data, np.ndarray):
+        return data
+    if type(data).__module__.split(".")[0] == "torch":
+        t = data.detach().cpu()
+        dtype_name = canonical_dtype(t.dtype)
+        if dtype_name == "bfloat16" or dtype_name.startswith("float8"):
+            # numpy has no such types; reinterpret the bytes as ml_dtypes' equivalent.
+            import torch
+
+            raw = t.contiguous().view(torch.uint16 if t.element_size() == 2 else torch.uint8)
+            return raw.numpy().view(numpy_dtype(dtype_name))
+        return t.numpy()
+    return np.asarray(data)
+
+
 # --------------------------------------------------------------------------------------------- readers
 
 
 class ReaderBase:
-    """Context-manager plumbing shared by the readers."""
+    """Plumbing shared by the readers: context manager, ``in``/``len``/iteration and the unknown-name error.
+
+    A reader that knows all its tensors up front keeps them in ``_infos`` (name -> :class:`TensorInfo`);
+    ``tensors()`` then returns a copy of it and ``in``/``len``/iteration use it as is. A reader without
+    ``_infos`` overrides ``tensors()`` (and may override ``_table()``).
+    """
 
     path: pathlib.Path
     format: str
     layout: str = "torch"
+    _infos: dict[str, TensorInfo] | None = None
 
     def __enter__(self) -> Any:
         return self
@@ -172,17 +204,24 @@ class ReaderBase:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _table(self) -> Mapping[str, Any]:
+        """The tensor names (as keys), without copying: ``_infos``, else ``tensors()``."""
+        return self._infos if self._infos is not None else self.tensors()
+
     def __contains__(self, name: object) -> bool:
-        return name in self.tensors()
+        return name in self._table()
 
     def __iter__(self):
         return iter(self.tensors())
 
     def __len__(self) -> int:
-        return len(self.tensors())
+        return len(self._table())
 
-    def tensors(self) -> dict[str, TensorInfo]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Names, shapes and dtypes (a copy of ``_infos``); no tensor bytes are read."""
+        if self._infos is None:  # pragma: no cover - readers without _infos override tensors()
+            raise NotImplementedError
+        return dict(self._infos)
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
@@ -190,7 +229,12 @@ class ReaderBase:
     def _unknown(self, name: str) -> CheckpointError:
         """Error for a tensor name the checkpoint does not hold."""
         return CheckpointError(f"{self.path}: no tensor named {name!r} in this {self.format} checkpoint "
-                               f"({len(self.tensors())} tensors)")
+                               f"({len(self)} tensors)")
+
+    def _require(self, name: str) -> None:
+        """Raise :meth:`_unknown` unless the checkpoint holds ``name``."""
+        if name not in self:
+            raise self._unknown(name)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.path)!r} format={self.format} layout={self.layout}>"

@@ -181,18 +181,13 @@ class KerasWeightsReader(ReaderBase):
                 name = "/".join(parts[cut:]) if cut is not None else "/".join([layer, *parts])
                 self._add(name, g[wname])
 
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Names, shapes and dtypes from the HDF5 metadata."""
-        return dict(self._infos)
-
     def get(self, name: str) -> Any:
         """Read one variable as a numpy array.
 
         Raises:
             CheckpointError: No such variable, or the file is closed.
         """
-        if name not in self._infos:
-            raise self._unknown(name)
+        self._require(name)
         if not self._file:
             raise CheckpointError(f"{self.path}: reader is closed")
         return self._file[self.sources[name]][()]

@@ -64,10 +64,6 @@ class NpzReader(ReaderBase):
                 raise
             raise CheckpointError(f"{self.path}: not a readable .npz archive: {exc}") from exc
 
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Names, shapes and dtypes from the ``.npy`` member headers."""
-        return dict(self._infos)
-
     def get(self, name: str) -> Any:
         """Read one array (``allow_pickle=False``).
 
@@ -76,8 +72,7 @@ class NpzReader(ReaderBase):
         """
         import numpy as np
 
-        if name not in self._infos:
-            raise self._unknown(name)
+        self._require(name)
         if self._npz is None:
             self._npz = np.load(self.path, allow_pickle=False)
         try:

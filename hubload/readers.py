@@ -25,6 +25,7 @@ import pathlib
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 from hubload.checkpoint import (  # re-exported
@@ -118,10 +119,6 @@ class ShardedReader(ReaderBase):
                 logger.warning("%s: %d tensors in the shards are not listed in the index (e.g. %s)",
                                self.path, len(extra), extra[0])
 
-    def tensors(self) -> dict[str, TensorInfo]:
-        """All shards' tensors."""
-        return dict(self._infos)
-
     def get(self, name: str) -> Any:
         """Return one tensor from the shard that holds it.
 
@@ -145,6 +142,19 @@ class ShardedReader(ReaderBase):
             reader.close()
 
 
+def _open_shards(paths: dict[str, pathlib.Path], opener: Callable[[pathlib.Path], Any]) -> dict[str, Any]:
+    """Open every shard (shard name -> path) with ``opener``; on any failure close those already open."""
+    shards: dict[str, Any] = {}
+    try:
+        for shard_name, shard_path in paths.items():
+            shards[shard_name] = opener(shard_path)
+    except BaseException:
+        for r in shards.values():
+            r.close()
+        raise
+    return shards
+
+
 def _open_index(path: pathlib.Path, *, key: str | None = None) -> ShardedReader:
     """Open a ``*.index.json`` (safetensors or torch shards)."""
     try:
@@ -163,14 +173,7 @@ def _open_index(path: pathlib.Path, *, key: str | None = None) -> ShardedReader:
     if missing:
         raise CheckpointError(f"{path}: shard(s) listed in the index are missing: {', '.join(missing)}; "
                               "download every file the index names")
-    shards: dict[str, Any] = {}
-    try:
-        for s in shard_names:
-            shards[s] = open_checkpoint(path.parent / s, key=key)
-    except BaseException:
-        for r in shards.values():
-            r.close()
-        raise
+    shards = _open_shards({s: path.parent / s for s in shard_names}, lambda p: open_checkpoint(p, key=key))
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     return ShardedReader(path, shards, weight_map, meta)
 
@@ -262,15 +265,7 @@ def _open_folder(path: pathlib.Path, key: str | None) -> Any:
     if len(st) == 1:
         return SafetensorsReader(st[0])
     if len(st) > 1:
-        shards: dict[str, Any] = {}
-        for p in st:
-            try:
-                shards[p.name] = SafetensorsReader(p)
-            except BaseException:
-                for r in shards.values():
-                    r.close()
-                raise
-        return ShardedReader(path, shards)
+        return ShardedReader(path, _open_shards({p.name: p for p in st}, SafetensorsReader))
     prefix = _tf_prefix_in_folder(path)
     if prefix is not None:
         return _tf_reader(prefix, key)

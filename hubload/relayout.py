@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import SAFETENSORS_DTYPES, canonical_dtype, to_numpy  # to_numpy re-exported
 from .errors import CheckpointError, HubloadError
 from .registry import RegistryArg
 
@@ -57,30 +58,10 @@ def _keras_leaf_hints(canon: Mapping[str, Any]) -> tuple[dict[str, str], dict[st
     return hints, dropped
 
 
-def to_numpy(data: Any) -> Any:
-    """A numpy array from a reader's tensor (numpy already, or a torch tensor incl. bfloat16)."""
-    import numpy as np
-
-    if isinstance(data, np.ndarray):
-        return data
-    if type(data).__module__.startswith("torch"):
-        import torch
-
-        t = data.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.asarray(data)
-
-
 def write_safetensors(path: str | os.PathLike[str], arrays: Mapping[str, Any],
                       metadata: Mapping[str, str] | None = None) -> int:
     """Write numpy arrays as a safetensors file (atomically); returns the file size."""
     import numpy as np
-
-    from .checkpoint import SAFETENSORS_DTYPES, canonical_dtype
 
     tag_of = {name: tag for tag, (name, _) in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
