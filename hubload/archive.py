@@ -61,7 +61,6 @@ log = logging.getLogger("hubload")
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 _CHUNK = 1 << 20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -224,8 +223,9 @@ def _open(path: Path) -> Iterator[tuple[str, object]]:
         yield "tar", tf
 
 
-def _scan(kind: str, handle: object, archive: Path, limits: ArchiveLimits) -> list[tuple[ArchiveMember, object]]:
-    """Check every member before anything is written; return (member, native info) pairs."""
+def _scan(kind: str, handle: object, archive: Path,
+          limits: ArchiveLimits) -> tuple[_Listing, list[tuple[ArchiveMember, object]]]:
+    """Check every member before anything is written; return the listing and (member, native info) pairs."""
     name = str(archive)
     listing = _Listing(name, limits, archive.stat().st_size)
     out: list[tuple[ArchiveMember, object]] = []
@@ -235,15 +235,15 @@ def _scan(kind: str, handle: object, archive: Path, limits: ArchiveLimits) -> li
             m = listing.add(zinfo.filename, _zip_kind(zinfo, name), zinfo.file_size)
             if m is not None:
                 out.append((m, zinfo))
-        return out
+        return listing, out
     assert isinstance(handle, tarfile.TarFile)
+    data_filter = getattr(tarfile, "data_filter", None)  # None before Python 3.10.12 / 3.11.4
     try:
         while (tinfo := handle.next()) is not None:  # one at a time: a bomb stops at the first overrun
             is_dir = _tar_kind(tinfo, name)
             m = listing.add(tinfo.name, is_dir, tinfo.size)
             if m is None:
                 continue
-            data_filter = getattr(tarfile, "data_filter", None)
             if data_filter is not None:  # the standard library's own opinion, on top of ours
                 try:
                     data_filter(tinfo, "/nonexistent-hubload-extract-root")
@@ -253,7 +253,7 @@ def _scan(kind: str, handle: object, archive: Path, limits: ArchiveLimits) -> li
             out.append((m, tinfo))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CheckpointError(f"{archive}: corrupt or truncated tar archive ({exc}); delete it and pull again") from exc
-    return out
+    return listing, out
 
 
 def list_archive(path: str | os.PathLike[str], *, limits: ArchiveLimits | None = None) -> list[ArchiveMember]:
@@ -272,7 +272,8 @@ def list_archive(path: str | os.PathLike[str], *, limits: ArchiveLimits | None =
     """
     p = Path(path)
     with _open(p) as (kind, handle):
-        return [m for m, _ in _scan(kind, handle, p, limits or ArchiveLimits())]
+        _, checked = _scan(kind, handle, p, limits or ArchiveLimits())
+        return [m for m, _ in checked]
 
 
 # ----------------------------------------------------------------------------------------- extraction
@@ -335,8 +336,7 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         raise cache_os_error(exc, dest.parent, "creating") from exc
     try:
         with _open(src) as (kind, handle):
-            checked = _scan(kind, handle, src, limits)
-            listing = _Listing(str(src), limits, src.stat().st_size)
+            listing, checked = _scan(kind, handle, src, limits)  # its check_total also bounds the bytes written
             written = [0]
             for member, info in checked:
                 target = tmp.joinpath(*member.name.split("/"))
@@ -396,8 +396,9 @@ def extract_to_cache(archive: str | os.PathLike[str], sha256: str, *, cache: Cac
         ValueError: ``sha256`` is not 64 lowercase hex digits.
     """
     from .cache import Cache
+    from .registry import _HEX64  # here, not at the top: `import hubload.archive` stays light
 
-    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+    if not isinstance(sha256, str) or not _HEX64.match(sha256):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
     cache = cache or Cache()
     dest = cache.root / "extracted" / sha256

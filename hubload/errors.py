@@ -40,6 +40,13 @@ class HubloadError(Exception):
     """Base class of every error hubload raises on purpose."""
 
 
+class _MessageOnlyError(HubloadError):
+    """``str(exc)`` is the message alone: not LookupError's repr() of it, nor OSError's errno formatting."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class RegistryError(HubloadError, ValueError):
     """A registry file or entry is invalid.
 
@@ -74,7 +81,7 @@ class RegistryError(HubloadError, ValueError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
-class ModelNotFoundError(HubloadError, LookupError):
+class ModelNotFoundError(_MessageOnlyError, LookupError):
     """A model ID is not in any registry, or a file/repo/revision does not exist upstream."""
 
     def __init__(self, message: str, *, model_id: str | None = None, suggestions: list[str] | None = None) -> None:
@@ -82,20 +89,14 @@ class ModelNotFoundError(HubloadError, LookupError):
         self.suggestions = list(suggestions or [])
         super().__init__(message)
 
-    def __str__(self) -> str:  # LookupError would otherwise repr() the message
-        return str(self.args[0]) if self.args else ""
 
-
-class DownloadError(HubloadError, OSError):
+class DownloadError(_MessageOnlyError, OSError):
     """A transfer failed (network, HTTP status, or the server misbehaved)."""
 
     def __init__(self, message: str, *, url: str | None = None, model_id: str | None = None) -> None:
         self.url = url
         self.model_id = model_id
         super().__init__(message)
-
-    def __str__(self) -> str:  # OSError's __str__ would show errno formatting
-        return str(self.args[0]) if self.args else ""
 
 
 class HashMismatchError(DownloadError):
@@ -121,11 +122,8 @@ class OfflineError(DownloadError):
     """A file is not cached and hubload may not (or cannot) reach the network."""
 
 
-class CacheError(HubloadError, OSError):
+class CacheError(_MessageOnlyError, OSError):
     """The cache directory cannot be used (read-only, disk full, corrupt entry)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointError(HubloadError, ValueError):

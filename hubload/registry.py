@@ -56,8 +56,9 @@ LAYOUTS = ("torch", "keras")
 FRAMEWORKS = ("torch", "tf")
 SCHEMES = ("hf", "https", "http", "file")
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Shared with sources.py and archive.py, which import them from here.
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")  # a full git commit hash
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")  # a full sha256 hex digest
 _HEXPREFIX = re.compile(r"^[0-9a-f]{8,63}$")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

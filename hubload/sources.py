@@ -8,21 +8,23 @@ files. A pinned hf:// file (commit + sha256) resolves without any request.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from . import config
 from .errors import DownloadError, ModelNotFoundError, OfflineError
-from .registry import FileSpec, ModelEntry
+from .registry import _HEX40, _HEX64, FileSpec, ModelEntry
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfFileMetadata
 
 __all__ = ["ResolvedFile", "hf_file_url", "resolve_file", "resolve_hf_revision"]
 
 log = logging.getLogger("hubload")
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_USER_AGENT = "hubload/0.1"
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def hf_file_url(repo_id: str, revision: str, path: str, endpoint: str | None = N
 def _hf_headers(token: str | None) -> tuple[dict[str, str], str | None]:
     """Headers for Hub requests and the host allowed to see the token."""
     host = urlsplit(config.hf_endpoint()).netloc.rpartition("@")[2].lower()  # host[:port], never credentials
-    headers = {"user-agent": "hubload/0.1"}
+    headers = {"user-agent": _USER_AGENT}
     if token:
         headers["authorization"] = f"Bearer {token}"
     return headers, host
@@ -103,18 +105,23 @@ def _map_hf_error(exc: BaseException, entry: ModelEntry, path: str | None, url: 
                         url=url, model_id=entry.id)
 
 
+def _hf_metadata(entry: ModelEntry, path: str, url: str, token: str | None) -> HfFileMetadata:
+    """The Hub's metadata of ``url`` (a HEAD request); huggingface_hub's errors become hubload's."""
+    from huggingface_hub import get_hf_file_metadata
+
+    try:
+        return get_hf_file_metadata(url, token=token or False, endpoint=config.hf_endpoint(), timeout=10)
+    except Exception as exc:  # huggingface_hub raises typed HTTP errors and transport errors
+        raise _map_hf_error(exc, entry, path, url) from None
+
+
 def resolve_hf_revision(entry: ModelEntry, *, token: str | None = None) -> str:
     """The commit an hf:// entry's revision points to (a 40-hex revision is returned as is)."""
     rev = entry.revision or "main"
     if _HEX40.match(rev):
         return rev
-    from huggingface_hub import get_hf_file_metadata
-
     url = hf_file_url(entry.repo_id, rev, entry.files[0].path)
-    try:
-        meta = get_hf_file_metadata(url, token=token or False, endpoint=config.hf_endpoint(), timeout=10)
-    except Exception as exc:  # huggingface_hub raises typed HTTP errors and transport errors
-        raise _map_hf_error(exc, entry, entry.files[0].path, url) from None
+    meta = _hf_metadata(entry, entry.files[0].path, url, token)
     if not meta.commit_hash:
         raise DownloadError(f"model {entry.id!r}: the Hub gave no commit for revision {rev!r} ({url})", url=url,
                             model_id=entry.id)
@@ -141,7 +148,7 @@ def resolve_file(entry: ModelEntry, spec: FileSpec, *, token: str | None = None,
         return ResolvedFile(spec, None, local, spec.sha256, spec.size, None, {}, None)
     if entry.scheme in ("http", "https"):
         return ResolvedFile(spec, entry.file_url(spec.path), None, spec.sha256, spec.size, None,
-                            {"user-agent": "hubload/0.1"}, None)
+                            {"user-agent": _USER_AGENT}, None)
 
     headers, host = _hf_headers(token)
     rev = commit or entry.revision or "main"
@@ -152,12 +159,7 @@ def resolve_file(entry: ModelEntry, spec: FileSpec, *, token: str | None = None,
         raise OfflineError(f"model {entry.id!r} file {spec.path!r} is not pinned (commit + sha256) and cannot be "
                            "resolved offline; unset HUBLOAD_OFFLINE/HF_HUB_OFFLINE or pin the entry", url=url,
                            model_id=entry.id)
-    from huggingface_hub import get_hf_file_metadata
-
-    try:
-        meta = get_hf_file_metadata(url, token=token or False, endpoint=config.hf_endpoint(), timeout=10)
-    except Exception as exc:
-        raise _map_hf_error(exc, entry, spec.path, url) from None
+    meta = _hf_metadata(entry, spec.path, url, token)
     commit_hash = meta.commit_hash or (rev if _HEX40.match(rev) else None)
     etag = (meta.etag or "").strip('"').removeprefix("W/").strip('"')
     sha = spec.sha256 or (etag if _HEX64.match(etag) else None)
