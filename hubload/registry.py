@@ -35,6 +35,7 @@ from typing import Any, Union
 from urllib.parse import quote, unquote, urlsplit
 
 from . import config
+from ._yaml import Node, plain, to_nodes, yaml_nodes
 from .errors import ModelNotFoundError, RegistryError
 
 __all__ = [
@@ -208,101 +209,6 @@ class ModelEntry:
 
 
 # --------------------------------------------------------------------------------------------------------
-# YAML with line numbers and duplicate-key detection
-
-# Values a registry document may expand to (after aliases): far above any real registry.
-_MAX_YAML_NODES = 200_000
-
-
-class _Node:
-    """A parsed YAML value with its 1-based line."""
-
-    __slots__ = ("value", "line")
-
-    def __init__(self, value: Any, line: int) -> None:
-        self.value = value
-        self.line = line
-
-
-def _yaml_nodes(text: str, file: str) -> _Node:
-    """Parse YAML into _Node trees, refusing duplicate keys and non-scalar keys."""
-    import yaml
-
-    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        root = yaml.compose(text, Loader=loader_cls)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise RegistryError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}", file=file, line=line) from None
-    if root is None:
-        raise RegistryError("the file is empty; expected 'version: 1' and 'models:'", file=file)
-    constructor = yaml.SafeLoader("")  # reuse PyYAML's scalar resolution (ints, bools, nulls)
-    budget = [_MAX_YAML_NODES]
-    active: set[int] = set()
-
-    def scalar(node: Any) -> Any:
-        try:
-            return constructor.construct_object(node, deep=True)
-        except yaml.YAMLError:
-            raise RegistryError(f"unsupported YAML tag {node.tag!r} (tags and '<<' merge keys are not allowed)",
-                                file=file, line=node.start_mark.line + 1) from None
-
-    def convert(node: Any) -> _Node:
-        line = node.start_mark.line + 1
-        budget[0] -= 1
-        if budget[0] < 0:  # aliases can expand exponentially ("billion laughs")
-            raise RegistryError(f"more than {_MAX_YAML_NODES} values after expanding YAML aliases (an alias bomb?)",
-                                file=file, line=line)
-        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
-            return _Node(scalar(node), line)
-        if id(node) in active:
-            raise RegistryError("a YAML alias refers to itself (recursive structure)", file=file, line=line)
-        active.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                return _Node([convert(v) for v in node.value], line)
-            out: dict[str, _Node] = {}
-            keylines: dict[str, int] = {}
-            for knode, vnode in node.value:
-                if not isinstance(knode, yaml.ScalarNode):
-                    raise RegistryError("mapping keys must be plain strings", file=file, line=knode.start_mark.line + 1)
-                if knode.tag == "tag:yaml.org,2002:merge":
-                    raise RegistryError("YAML merge keys ('<<') are not allowed; write the fields out", file=file,
-                                        line=knode.start_mark.line + 1)
-                key = str(scalar(knode))
-                if key in out:
-                    raise RegistryError(f"duplicate key {key!r} (first at line {keylines[key]})", file=file,
-                                        line=knode.start_mark.line + 1)
-                keylines[key] = knode.start_mark.line + 1
-                out[key] = convert(vnode)
-            return _Node(out, line)
-        finally:
-            active.discard(id(node))
-
-    return convert(root)
-
-
-def _plain(node: _Node) -> Any:
-    """Strip line info recursively."""
-    v = node.value
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _to_nodes(value: Any) -> _Node:
-    """Wrap plain Python data (a dict registry) as _Nodes without line numbers."""
-    if isinstance(value, Mapping):
-        return _Node({str(k): _to_nodes(v) for k, v in value.items()}, 0)
-    if isinstance(value, (list, tuple)):
-        return _Node([_to_nodes(v) for v in value], 0)
-    return _Node(value, 0)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Validation
 
 class _Ctx:
@@ -316,7 +222,7 @@ class _Ctx:
         return RegistryError(msg, file=self.file, entry=self.entry, field=field, line=line or None)
 
 
-def _str(ctx: _Ctx, node: _Node, field: str) -> str:
+def _str(ctx: _Ctx, node: Node, field: str) -> str:
     """A non-empty string field."""
     if not isinstance(node.value, str) or not node.value.strip():
         raise ctx.fail(f"must be a non-empty string, got {type(node.value).__name__} {node.value!r}",
@@ -324,7 +230,7 @@ def _str(ctx: _Ctx, node: _Node, field: str) -> str:
     return node.value.strip()
 
 
-def _str_list(ctx: _Ctx, node: _Node, field: str) -> tuple[str, ...]:
+def _str_list(ctx: _Ctx, node: Node, field: str) -> tuple[str, ...]:
     """A list of non-empty strings (a single string is accepted as a one-item list)."""
     if isinstance(node.value, str):
         return (_str(ctx, node, field),)
@@ -333,7 +239,7 @@ def _str_list(ctx: _Ctx, node: _Node, field: str) -> tuple[str, ...]:
     return tuple(_str(ctx, item, field) for item in node.value)
 
 
-def _validate_source(ctx: _Ctx, node: _Node) -> str:
+def _validate_source(ctx: _Ctx, node: Node) -> str:
     """Check the source's scheme and shape."""
     src = _str(ctx, node, "source")
     scheme, sep, rest = src.partition("://")
@@ -369,7 +275,7 @@ def _validate_source(ctx: _Ctx, node: _Node) -> str:
     return scheme + "://" + rest
 
 
-def _validate_file(ctx: _Ctx, node: _Node, idx: int) -> FileSpec:
+def _validate_file(ctx: _Ctx, node: Node, idx: int) -> FileSpec:
     """One item of ``files``."""
     fld = f"files[{idx}]"
     if isinstance(node.value, str):
@@ -377,7 +283,7 @@ def _validate_file(ctx: _Ctx, node: _Node, idx: int) -> FileSpec:
                        "write {path: ..., sha256: ..., size: ...}", field=fld, line=node.line)
     if not isinstance(node.value, dict):
         raise ctx.fail("must be a mapping with path, sha256, size", field=fld, line=node.line)
-    items: dict[str, _Node] = node.value
+    items: dict[str, Node] = node.value
     unknown = sorted(set(items) - _FILE_KEYS)
     if unknown:
         raise ctx.fail(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FILE_KEYS))}",
@@ -428,7 +334,7 @@ def _infer_format(files: tuple[FileSpec, ...]) -> str | None:
     return None
 
 
-def _validate_entry(ctx: _Ctx, node: _Node, base_dir: str | None) -> ModelEntry:
+def _validate_entry(ctx: _Ctx, node: Node, base_dir: str | None) -> ModelEntry:
     """One entry of ``models``."""
     mid = ctx.entry or ""
     if not _MODEL_ID.match(mid):
@@ -436,7 +342,7 @@ def _validate_entry(ctx: _Ctx, node: _Node, base_dir: str | None) -> ModelEntry:
                        "starting with a letter or digit", line=node.line)
     if not isinstance(node.value, dict):
         raise ctx.fail("an entry must be a mapping", line=node.line)
-    items: dict[str, _Node] = node.value
+    items: dict[str, Node] = node.value
     unknown = sorted(set(items) - _ENTRY_KEYS)
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(_ENTRY_KEYS), n=1)
@@ -510,7 +416,7 @@ def _validate_entry(ctx: _Ctx, node: _Node, base_dir: str | None) -> ModelEntry:
     if "config" in items and items["config"].value is not None:
         if not isinstance(items["config"].value, dict):
             raise ctx.fail("must be a mapping of keyword arguments", field="config", line=items["config"].line)
-        cfg = _plain(items["config"])
+        cfg = plain(items["config"])
 
     rename: list[tuple[str, str]] = []
     if "rename" in items and items["rename"].value is not None:
@@ -563,7 +469,7 @@ def parse_registry(data: str | Mapping[str, Any], *, file: str = "<registry>",
     Raises:
         RegistryError: naming the file, the entry, the field and the YAML line where known.
     """
-    root = _yaml_nodes(data, file) if isinstance(data, str) else _to_nodes(data)
+    root = yaml_nodes(data, file) if isinstance(data, str) else to_nodes(data)
     ctx = _Ctx(file)
     if not isinstance(root.value, dict):
         raise ctx.fail("the top level must be a mapping with 'version: 1' and 'models:'", line=root.line)

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -272,9 +273,12 @@ def test_no_unsafe_deserialisers_or_code_execution_in_the_library():
 
 
 def test_yaml_is_parsed_with_a_safe_loader_only():
-    text = (ROOT / "hubload" / "registry.py").read_text()
+    text = (ROOT / "hubload" / "_yaml.py").read_text()  # the one module that hands YAML text to PyYAML
     assert "SafeLoader" in text and "yaml.Loader" not in text and "UnsafeLoader" not in text
     assert "FullLoader" not in text
+    for module in (ROOT / "hubload").rglob("*.py"):  # and nothing else parses YAML on its own
+        other = module.read_text()
+        assert module.name == "_yaml.py" or not re.search(r"yaml\.(safe_)?(load|compose|Loader)", other), module
 
 
 # ==================================================================== no path escapes the cache
