@@ -21,19 +21,19 @@ from .compat import check as compat_check
 from .errors import HubloadError
 from .registry import RegistryArg
 from .resolve import (
+    _FULL_MODEL_FORMATS,
     Artifact,
+    canonical_tensors,
     fetch_artifact,
-    reader_format,
-    reader_layout,
+    open_artifact,
     remote_safetensors_header,
     resolve_source,
+    with_key,
 )
 
 __all__ = ["check", "inspect", "load"]
 
 log = logging.getLogger("hubload")
-
-_FULL_MODEL_FORMATS = ("savedmodel", "keras")
 
 
 def _framework_name(framework: str) -> str:
@@ -89,14 +89,6 @@ def _build(art: Artifact, adapter: Any, config: Mapping[str, Any] | None, num_cl
     if num_classes is not None:
         cfg["num_classes"] = num_classes
     return adapter.build(arch, cfg)
-
-
-def _canonical(reader: Any, art: Artifact, layout: str | None, rename: Sequence[Any]) -> dict[str, Any]:
-    """The checkpoint's tensors in the canonical layout."""
-    from .layout import to_canonical
-
-    return to_canonical(reader.tensors(), layout or art.layout or reader_layout(reader),
-                        rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
 
 
 def _report(ckpt: Mapping[str, Any], model_spec: Mapping[str, Any], art: Artifact, model: Any, *,
@@ -219,8 +211,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
                                             config=config, num_classes=num_classes, sha256=sha256,
                                             strategy=strategy)
-    if key is not None:
-        art = _with_key(art, key)
+    art = with_key(art, key)
     if adapter is None:
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
         if _is_full_model(art):
@@ -248,10 +239,8 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
     if _is_full_model(art):
         raise HubloadError(f"{art.label} is a whole saved model, not a weights file; load it without model=/"
                            "framework= to get the saved model itself")
-    from .readers import open_checkpoint
-
-    with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
-        report = _report(_canonical(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
+    with open_artifact(art) as reader:
+        report = _report(canonical_tensors(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                          replace=replace, strict=strict)
         if optimizer is not None:
             if adapter.name != "tf" or reader.format != "tf-checkpoint":
@@ -295,17 +284,14 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
                                             config=config, num_classes=num_classes, sha256=sha256)
     if adapter is None:
         raise HubloadError(f"{art.label}: check needs a model to compare with: pass model= or framework=")
-    if key is not None:
-        art = _with_key(art, key)
+    art = with_key(art, key)
     model_spec = adapter.spec(model)
     report = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
                             replace=replace, strict=strict, offline=offline, token=token)
     if report is None:
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
-        from .readers import open_checkpoint
-
-        with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
-            report = _report(_canonical(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
+        with open_artifact(art) as reader:
+            report = _report(canonical_tensors(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                              replace=replace, strict=strict)
     return report
 
@@ -319,23 +305,13 @@ def inspect(source: str | os.PathLike[str], *, registry: RegistryArg = None, key
     """
     cache = Cache(cache_dir)
     art = resolve_source(source, registry=registry)
-    if key is not None:
-        art = _with_key(art, key)
+    art = with_key(art, key)
     header = remote_safetensors_header(art, cache=cache, offline=offline, token=token)
     if header is not None:
         return dict(header.tensors)
     art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
     if _is_full_model(art):
         raise HubloadError(f"{art.label} is a whole saved model; `inspect` reads weight checkpoints")
-    from .readers import open_checkpoint
-
-    with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
+    with open_artifact(art) as reader:
         return dict(reader.tensors())
-
-
-def _with_key(art: Artifact, key: str) -> Artifact:
-    """The artifact with a nested state-dict key."""
-    from dataclasses import replace
-
-    return replace(art, key=key)
 

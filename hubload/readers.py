@@ -43,6 +43,7 @@ from hubload.safetensors_io import (  # re-exported
     MAX_SAFETENSORS_HEADER,
     SafetensorsHeader,
     SafetensorsReader,
+    layout_from_metadata,
     parse_safetensors_header,
     read_safetensors_header,
     safetensors_header_length,
@@ -85,7 +86,7 @@ class ShardedReader(ReaderBase):
     Attributes:
         path: The index file or folder.
         format: The shards' format.
-        layout: The shards' layout.
+        layout: The layout the index's metadata declares, else the shards' layout.
         metadata: The index's ``metadata`` object ({} without an index).
         shards: Shard file name -> reader.
     """
@@ -97,7 +98,7 @@ class ShardedReader(ReaderBase):
         self.metadata = dict(metadata or {})
         first = next(iter(shards.values()), None)
         self.format = getattr(first, "format", "safetensors")
-        self.layout = getattr(first, "layout", "torch")
+        self.layout = layout_from_metadata(self.metadata, getattr(first, "layout", "torch"))
         self._where: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
         for shard_name, reader in shards.items():

@@ -111,23 +111,18 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     """
     if layout not in ("torch", "keras"):
         raise HubloadError(f"layout must be 'torch' or 'keras', got {layout!r}")
-    from dataclasses import replace
-
     from .cache import Cache
-    from .layout import apply_transform, from_canonical, to_canonical
-    from .readers import open_checkpoint
-    from .resolve import fetch_artifact, reader_format, reader_layout, resolve_source
+    from .layout import apply_transform, from_canonical
+    from .resolve import canonical_tensors, fetch_artifact, open_artifact, resolve_source, with_key
+    from .safetensors_io import LAYOUT_METADATA_KEY
 
-    art = resolve_source(source, registry=registry)
-    if key is not None:
-        art = replace(art, key=key)
+    art = with_key(resolve_source(source, registry=registry), key)
     art = fetch_artifact(art, cache=Cache(), offline=offline)
     arrays: dict[str, Any] = {}
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
-    with open_checkpoint(art.path, format=reader_format(art), key=art.key) as reader:
-        canon = to_canonical(reader.tensors(), from_layout or art.layout or reader_layout(reader),
-                             rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
+    with open_artifact(art) as reader:
+        canon = canonical_tensors(reader, art, from_layout, rename)
         targets: dict[str, tuple[str, Any]] = {}
         if layout == "torch":
             targets = {name: (name, None) for name in canon}
@@ -141,6 +136,6 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
             arrays[target] = apply_transform(arr, to_target)
             names[ct.source] = target
     size = write_safetensors(out, arrays, {"format": "pt" if layout == "torch" else "keras",
-                                           "hubload_layout": layout, "converted_from": art.label})
+                                           LAYOUT_METADATA_KEY: layout, "converted_from": art.label})
     return {"out": str(out), "layout": layout, "tensors": len(arrays), "bytes": size, "names": names,
             "dropped": dropped}

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,10 +20,11 @@ from . import config
 from .cache import Cache
 from .errors import CheckpointError, HubloadError, ModelNotFoundError
 from .registry import FileSpec, ModelEntry, RegistryArg, _infer_format, check_relative_path, load_registry
+from .safetensors_io import layout_from_metadata
 from .sources import resolve_file, resolve_hf_revision
 
-__all__ = ["Artifact", "RemoteHeader", "fetch_artifact", "reader_format", "reader_layout", "remote_safetensors_header",
-           "resolve_source"]
+__all__ = ["Artifact", "RemoteHeader", "canonical_tensors", "fetch_artifact", "open_artifact", "reader_format",
+           "remote_safetensors_header", "resolve_source", "with_key"]
 
 log = logging.getLogger("hubload")
 
@@ -30,6 +32,8 @@ _HF_URL = re.compile(r"^hf://(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w
                      r"/(?P<file>.+)$")
 # How much of a remote safetensors file to ask for first: most headers fit, so one request usually does.
 _HEADER_GUESS = 64 * 1024
+# Whole saved models (loaded without a model, no checkpoint reader).
+_FULL_MODEL_FORMATS = ("savedmodel", "keras")
 
 
 @dataclass(frozen=True)
@@ -59,23 +63,9 @@ class Artifact:
     key: str | None = None
 
 
-# Written into the __metadata__ of files `hubload convert` produces, so the layout travels with the file.
-LAYOUT_METADATA_KEY = "hubload_layout"
-
-
-def _layout_from_metadata(metadata: Any, default: str) -> str:
-    """The layout a safetensors ``__metadata__`` declares, else ``default``."""
-    declared = (metadata or {}).get(LAYOUT_METADATA_KEY) if isinstance(metadata, dict) else None
-    return declared if declared in ("torch", "keras") else default
-
-
-def reader_layout(reader: Any) -> str:
-    """The tensor convention of an open checkpoint: the file's own declaration first, then the reader's guess.
-
-    A safetensors file written by ``hubload convert --layout keras`` says so in its metadata; a reader that
-    does not look there would call it ``torch`` and find none of its Keras names.
-    """
-    return _layout_from_metadata(getattr(reader, "metadata", None), reader.layout)
+def with_key(art: Artifact, key: str | None) -> Artifact:
+    """The artifact with a nested state-dict key (unchanged when ``key`` is None)."""
+    return art if key is None else replace(art, key=key)
 
 
 class RemoteHeader(NamedTuple):
@@ -94,7 +84,7 @@ class RemoteHeader(NamedTuple):
     @property
     def layout(self) -> str:
         """The layout the file declares (``torch`` when it says nothing)."""
-        return _layout_from_metadata(self.metadata, "torch")
+        return layout_from_metadata(self.metadata, "torch")
 
 
 def _adhoc_id(url: str) -> str:
@@ -171,7 +161,7 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
 
     local = Path(source).expanduser()
     looks_like_path = source.startswith((".", "/", "~")) or os.sep in source or local.suffix != ""
-    exists = local.exists() or Path(str(local) + ".index").exists()
+    exists = _exists_locally(local)
     if exists and source.startswith(("/", "./", "../", "~")):  # explicitly a path: never an ID, skip the registry
         return Artifact(label=source, path=local)
     reg = load_registry(registry)
@@ -186,6 +176,11 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
         raise ModelNotFoundError(f"{source!r}: no such file or folder (and not a registry ID)")
     reg.get(source)  # raises ModelNotFoundError with suggestions
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _exists_locally(path: Path) -> bool:
+    """A local file/folder, or a TF checkpoint prefix (``<path>.index`` exists)."""
+    return path.exists() or Path(str(path) + ".index").exists()
 
 
 def _local_checkpoint(entry: ModelEntry, files: dict[str, Path]) -> Path:
@@ -219,7 +214,31 @@ def _expand_sharded(entry: ModelEntry, index_path: Path) -> ModelEntry:
 
 def reader_format(art: Artifact) -> str | None:
     """The format a checkpoint reader should be forced to (None = detect; whole-model formats have no reader)."""
-    return art.format if art.format not in (None, "savedmodel", "keras") else None
+    return art.format if art.format not in _FULL_MODEL_FORMATS else None
+
+
+def open_artifact(art: Artifact) -> Any:
+    """Open a fetched artifact's checkpoint lazily (see :func:`hubload.readers.open_checkpoint`)."""
+    from .readers import open_checkpoint
+
+    return open_checkpoint(art.path, format=reader_format(art), key=art.key)
+
+
+def canonical_tensors(reader: Any, art: Artifact, layout: str | None = None,
+                      rename: Sequence[Any] = ()) -> dict[str, Any]:
+    """An open checkpoint's tensors in the canonical layout.
+
+    Args:
+        reader: The artifact's open checkpoint reader.
+        art: The artifact (its layout and rename rules).
+        layout: The caller's layout override; else the artifact's, else the reader's (which honours a layout the
+            file declares, as ``hubload convert`` writes it).
+        rename: The caller's rename rules, applied after the artifact's.
+    """
+    from .layout import to_canonical
+
+    return to_canonical(reader.tensors(), layout or art.layout or reader.layout,
+                        rename=tuple(art.rename) + tuple(rename), layer_kinds=getattr(reader, "layer_kinds", None))
 
 
 def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool | None = None,
@@ -230,7 +249,7 @@ def fetch_artifact(art: Artifact, *, cache: Cache | None = None, offline: bool |
         The Artifact with ``path`` set to what a checkpoint reader should open.
     """
     if art.entry is None:
-        if art.path is None or not (art.path.exists() or Path(str(art.path) + ".index").exists()):
+        if art.path is None or not _exists_locally(art.path):
             raise ModelNotFoundError(f"{art.label}: no such file or folder")
         return art
     from .fetch import pull_entry

@@ -21,9 +21,11 @@ from hubload.checkpoint import SAFETENSORS_DTYPES, ReaderBase, TensorInfo, numpy
 from hubload.errors import CheckpointError
 
 __all__ = [
+    "LAYOUT_METADATA_KEY",
     "MAX_SAFETENSORS_HEADER",
     "SafetensorsHeader",
     "SafetensorsReader",
+    "layout_from_metadata",
     "parse_safetensors_header",
     "read_safetensors_header",
     "safetensors_header_length",
@@ -31,6 +33,16 @@ __all__ = [
 
 # Same cap as the safetensors library: a longer header is corrupt or hostile, never a real model.
 MAX_SAFETENSORS_HEADER = 100_000_000
+
+# Written into the __metadata__ of files `hubload convert` produces, so the layout travels with the file.
+LAYOUT_METADATA_KEY = "hubload_layout"
+
+
+def layout_from_metadata(metadata: Any, default: str) -> str:
+    """The layout (``torch``/``keras``) a safetensors ``__metadata__`` or shard index ``metadata`` declares, else
+    ``default``."""
+    declared = metadata.get(LAYOUT_METADATA_KEY) if isinstance(metadata, dict) else None
+    return declared if declared in ("torch", "keras") else default
 
 
 @dataclass(frozen=True)
@@ -225,9 +237,7 @@ class SafetensorsReader(ReaderBase):
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read safetensors file: {exc}") from exc
         self.metadata = self.header.metadata
-        declared = (self.metadata or {}).get("hubload_layout")
-        if declared in ("torch", "keras"):  # written by `hubload convert`: the file says its convention
-            self.layout = declared
+        self.layout = layout_from_metadata(self.metadata, layout)  # a `hubload convert` output says its convention
         self._map: Any = None
 
     def tensors(self) -> dict[str, TensorInfo]:
