@@ -31,6 +31,12 @@ logger = logging.getLogger("hubload")
 _PRUNE_BLOB_GRACE_S = 600.0
 
 
+def _index_shas(data: dict[str, Any]) -> set[str]:
+    """The sha256 strings an index (a ``refs/*.json`` dict) lists for its files."""
+    return {info["sha256"] for info in (data.get("files") or {}).values()
+            if isinstance(info, dict) and isinstance(info.get("sha256"), str)}
+
+
 @dataclass(frozen=True)
 class CachedFile:
     """One file of a cached model, as :meth:`Cache.ls` reports it."""
@@ -101,9 +107,7 @@ class CacheMaintenance:
         """The sha256 of every file listed by any index."""
         out: set[str] = set()
         for _, data in self._refs():
-            for info in (data.get("files") or {}).values():
-                if isinstance(info, dict) and isinstance(info.get("sha256"), str):
-                    out.add(info["sha256"])
+            out |= _index_shas(data)
         return out
 
     def ls(self) -> list[CachedModel]:
@@ -148,8 +152,7 @@ class CacheMaintenance:
         model_dir = self.models_dir / safe_model_dir(model_id)
         if data is None and not model_dir.exists():
             raise CacheError(f"hubload cache: {model_id!r} is not in the cache at {self.root}; see `hubload cache ls`.")
-        mine = {info["sha256"] for info in ((data or {}).get("files") or {}).values()
-                if isinstance(info, dict) and isinstance(info.get("sha256"), str)}
+        mine = _index_shas(data or {})
         try:
             _unlink(ref_path)
             if model_dir.exists():
@@ -230,16 +233,16 @@ class CacheMaintenance:
             for part in sorted(self.partial_dir.glob("*.part")):
                 key = part.name[: -len(".part")]
                 try:
-                    if now - part.stat().st_mtime < partial_max_age_hours * 3600:
-                        continue
-                    size = part.stat().st_size
+                    st = part.stat()
                 except OSError:
+                    continue
+                if now - st.st_mtime < partial_max_age_hours * 3600:
                     continue
                 try:
                     with self.lock(key, timeout=0.01):
                         _unlink(part)
                         _unlink(self.partial_meta_path(key))
-                        freed += size
+                        freed += st.st_size
                 except CacheError:
                     logger.debug("hubload cache: %s is in use; not pruning it", part)
                 except ValueError:
@@ -285,8 +288,7 @@ class CacheMaintenance:
             data = self.read_ref(model_id)
             if data is None:
                 raise CacheError(f"hubload cache: {model_id!r} is not in the cache at {self.root}.")
-            shas = sorted({info["sha256"] for info in (data.get("files") or {}).values()
-                           if isinstance(info, dict) and _SHA256_RE.match(str(info.get("sha256", "")))})
+            shas = sorted(sha for sha in _index_shas(data) if _SHA256_RE.match(sha))
         else:
             shas = [sha for sha, _ in self._all_blobs()]
         links = self._linked_blobs()

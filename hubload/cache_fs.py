@@ -18,7 +18,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hubload.errors import CacheError
 
@@ -68,11 +68,34 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     """
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
+        hash_into(f, h)
     return h.hexdigest()
+
+
+def hash_into(f: BinaryIO, hasher: Any, *, limit: int | None = None, out: BinaryIO | None = None) -> int:
+    """Feed a file, from its current position, into a hash object in large chunks.
+
+    Args:
+        f: A binary file open for reading (unbuffered avoids a copy).
+        hasher: A ``hashlib`` object; ``update`` is called with each chunk.
+        limit: Read at most this many bytes (None: to the end of the file).
+        out: Also write each chunk to this binary file (hash while copying).
+
+    Returns:
+        The number of bytes read (fewer than ``limit`` if the file ended first).
+    """
+    buf = bytearray(_HASH_CHUNK if limit is None else min(_HASH_CHUNK, limit))
+    view = memoryview(buf)
+    done = 0
+    while limit is None or done < limit:
+        n = f.readinto(view if limit is None else view[: limit - done])
+        if not n:
+            break
+        hasher.update(view[:n])
+        if out is not None:
+            out.write(view[:n])
+        done += n
+    return done
 
 
 def _check_sha256(sha256: str) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from .cache import Cache
+from .cache_fs import hash_into
 from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineError, RegistryError
 from .registry import FileSpec, ModelEntry, RegistryArg, load_registry
 from .sources import ResolvedFile, resolve_file, resolve_hf_revision
@@ -27,8 +28,6 @@ if TYPE_CHECKING:  # httpio imports requests: keep `import hubload.fetch` light
 __all__ = ["cached_files", "pull", "pull_entry", "verify"]
 
 log = logging.getLogger("hubload")
-
-_CHUNK = 8 << 20
 
 
 def _snapshot_rev(entry: ModelEntry, commit: str | None) -> str:
@@ -51,7 +50,7 @@ def _known_sha(entry: ModelEntry, spec: FileSpec, ref: Mapping[str, Any] | None)
     if spec.sha256_prefix and not sha.startswith(spec.sha256_prefix):
         return None
     if entry.scheme == "hf" and entry.revision and ref.get("revision") not in (None, entry.revision) \
-            and ref.get("commit") != entry.revision and ref.get("revision") != entry.revision:
+            and ref.get("commit") != entry.revision:
         return None
     return sha
 
@@ -111,16 +110,9 @@ def _import_local(entry: ModelEntry, rf: ResolvedFile, cache: Cache) -> Path:
             return cache.blob_path(spec.sha256)
         tmp = cache.tmp_path(key)
         h = hashlib.sha256()
-        size = 0
         try:
-            with open(real, "rb") as fin, open(tmp, "wb") as fout:
-                while True:
-                    chunk = fin.read(_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    fout.write(chunk)
-                    size += len(chunk)
+            with open(real, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
+                size = hash_into(fin, h, out=fout)
             digest = h.hexdigest()
             if spec.size is not None and size != spec.size:
                 raise HashMismatchError(f"model {entry.id!r} file {spec.path!r}: size {size} != registry size "

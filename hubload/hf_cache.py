@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from hubload.cache_fs import _HASH_CHUNK, _check_sha256, _unlink, sha256_file
+from hubload.cache_fs import _check_sha256, _unlink, hash_into, sha256_file
 from hubload.errors import CacheError
 
 __all__ = ["HFCacheReuse", "hf_hub_cache_dir"]
@@ -113,10 +113,6 @@ def hf_hub_cache_dir() -> Path:
 def _copy_hashing(src: Path, dst: Path) -> str:
     """Copy src to dst in large chunks, hashing on the way; return the digest."""
     h = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
     with open(src, "rb", buffering=0) as fi, open(dst, "wb") as fo:
-        while n := fi.readinto(buf):
-            h.update(view[:n])
-            fo.write(view[:n])
+        hash_into(fi, h, out=fo)
     return h.hexdigest()

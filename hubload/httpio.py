@@ -177,6 +177,28 @@ def _retry_after(resp: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _range_headers(start: int, end: int | None = None, etag: str | None = None) -> dict[str, str]:
+    """``Range`` for bytes ``[start, end)`` (to the end of the file without ``end``), plus ``If-Range``.
+
+    ``If-Range`` is sent only for a strong ``etag``: a weak one (``W/...``) is not allowed there.
+    """
+    headers = {"Range": f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"}
+    if etag and not etag.startswith("W/"):
+        headers["If-Range"] = etag
+    return headers
+
+
+def _content_range(resp: requests.Response, start: int) -> tuple[int, int | None] | None:
+    """A 206's ``Content-Range`` as (last byte, total or None for ``*``).
+
+    None if the header is missing, malformed or does not begin at ``start``.
+    """
+    m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    if not m or int(m.group(1)) != start:
+        return None
+    return int(m.group(2)), None if m.group(3) == "*" else int(m.group(3))
+
+
 @dataclass
 class _Job:
     """Everything one download needs, so helpers take one argument."""
@@ -400,12 +422,11 @@ def fetch_range(
 
 def _read_range(job: _Job, start: int, end: int) -> bytes:
     """One ranged GET; tolerate a 200 by skipping to ``start`` in the full body."""
-    resp, _ = _open(job, {"Range": f"bytes={start}-{end - 1}"})
+    resp, _ = _open(job, _range_headers(start, end))
     with resp:
         skip = 0
         if resp.status_code == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != start:
+            if _content_range(resp, start) is None:
                 raise _Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
         elif resp.status_code == 200:
             skip = start

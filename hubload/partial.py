@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hubload.cache_fs import atomic_write_json, cache_os_error
-from hubload.httpio import CHUNK_SIZE, _Job, redact_url
+from hubload.cache_fs import atomic_write_json, cache_os_error, hash_into
+from hubload.httpio import _Job, redact_url
 
 logger = logging.getLogger("hubload")
 
@@ -36,9 +36,13 @@ class _State:
     hasher: Any = field(default_factory=hashlib.sha256)
     etag: str | None = None
     resumed_from_disk: int = 0
-    preallocated: bool = False
     segments: dict[int, int] | None = None
     received: bool = False  # any byte of the body arrived during this call (the server is reachable)
+
+    @property
+    def preallocated(self) -> bool:
+        """The partial file has its final size (a parallel layout): exactly when ``segments`` are tracked."""
+        return self.segments is not None
 
 
 def _write_meta(job: _Job, state: _State, *, durable: bool = True) -> None:
@@ -48,7 +52,7 @@ def _write_meta(job: _Job, state: _State, *, durable: bool = True) -> None:
         "etag": state.etag, "bytes_done": state.offset, "preallocated": state.preallocated,
         "model_id": job.model_id, "file": job.file, "updated_at": time.time(),
     }
-    if state.preallocated and state.segments:
+    if state.segments:
         # dict() is one atomic copy while range workers keep updating the values.
         data["segments"] = {str(a): w for a, w in dict(state.segments).items()}
     atomic_write_json(job.meta, durable=durable, data=data)
@@ -121,25 +125,19 @@ def _load_state(job: _Job) -> _State:
         raise cache_os_error(exc, job.part, "writing") from exc
     if segments is not None and job.size is not None:
         state.segments = _segments_from(segments, have, job.size)
-        state.preallocated = True
         in_ranges = sum(w - a for a, w in state.segments.items())
         state.resumed_from_disk = have + in_ranges
-        state.etag = meta.get("etag") if isinstance(meta, dict) else None
         if in_ranges:
             logger.info("hubload: resuming %s: %d bytes in order plus %d bytes in %d ranges", job.where, have,
                         in_ranges, len(state.segments))
     if have:
         logger.info("hubload: resuming %s at byte %d (re-hashing the partial prefix once)", job.where, have)
         with open(job.part, "rb", buffering=0) as f:
-            buf = bytearray(CHUNK_SIZE)
-            view = memoryview(buf)
-            left = have
-            while left and (n := f.readinto(view[: min(left, len(buf))])):
-                state.hasher.update(view[:n])
-                left -= n
+            hash_into(f, state.hasher, limit=have)
         state.offset = have
         state.resumed_from_disk = max(state.resumed_from_disk, have)
-        state.etag = meta.get("etag") if isinstance(meta, dict) else None
+    if have or state.segments is not None:  # resuming: both imply the metadata matched (``ok``)
+        state.etag = meta.get("etag")
     return state
 
 
@@ -153,7 +151,6 @@ def _reset(job: _Job, state: _State) -> None:
     state.offset = 0
     state.hasher = hashlib.sha256()
     state.resumed_from_disk = 0
-    state.preallocated = False
     state.segments = None
     if job.bar is not None:
         job.bar.reset(total=job.size)

@@ -17,7 +17,17 @@ from typing import Any
 import requests
 
 from hubload.cache_fs import cache_os_error
-from hubload.httpio import CHUNK_SIZE, _CONTENT_RANGE, _NETWORK_ERRORS, _Body, _Job, _open, _Restart, _Transient
+from hubload.httpio import (
+    CHUNK_SIZE,
+    _NETWORK_ERRORS,
+    _Body,
+    _content_range,
+    _Job,
+    _open,
+    _range_headers,
+    _Restart,
+    _Transient,
+)
 from hubload.partial import _pwrite_all, _segments_from, _State, _write_meta
 
 SEGMENT_SIZE = 16 * 1024 * 1024       # smallest unit of work of a parallel download
@@ -63,7 +73,6 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
             os.ftruncate(fd, size)
     except OSError as exc:
         raise cache_os_error(exc, job.part, "preallocating") from exc
-    state.preallocated = True
     if state.segments and min(state.segments) <= state.offset:
         state.segments = _segments_from(state.segments, state.offset, size)
     else:
@@ -183,14 +192,11 @@ def _fetch_segment(job: _Job, state: _State, etag: list[str | None], fd: int, a:
     failures = 0
     while pos < b:
         before = pos
-        extra = {"Range": f"bytes={pos}-{b - 1}"}
-        if etag[0] and not etag[0].startswith("W/"):
-            extra["If-Range"] = etag[0]
         try:
-            resp, _ = _open(job, extra)
+            resp, _ = _open(job, _range_headers(pos, b, etag[0]))
             with resp:
-                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                if resp.status_code != 206 or not m or int(m.group(1)) != pos or int(m.group(2)) != b - 1:
+                cr = _content_range(resp, pos)
+                if resp.status_code != 206 or cr is None or cr[0] != b - 1:
                     raise _NoRanges()
                 got = resp.headers.get("ETag")
                 if etag[0] is None:

@@ -45,7 +45,6 @@ from hubload.cache import Cache
 from hubload.cache_fs import cache_os_error
 from hubload.errors import DownloadError, HashMismatchError, HubloadError, OfflineError
 from hubload.httpio import (  # the public ones are re-exported: see __all__
-    _CONTENT_RANGE,
     _NETWORK_ERRORS,
     CHUNK_SIZE,
     DEFAULT_RETRY,
@@ -53,7 +52,9 @@ from hubload.httpio import (  # the public ones are re-exported: see __all__
     RetryPolicy,
     _Body,
     _Job,
+    _content_range,
     _open,
+    _range_headers,
     _Restart,
     _Transient,
     fetch_range,
@@ -86,11 +87,7 @@ def _stream(job: _Job, state: _State, f: Any, *, probe: bool = False) -> None:
     With ``probe``, raise ``_GoParallel`` (everything received so far kept) if the stream runs slower than
     ``STREAM_FAST`` after ``PROBE_SECONDS`` and enough of the file is left to be worth splitting.
     """
-    extra = {}
-    if state.offset:
-        extra["Range"] = f"bytes={state.offset}-"
-        if state.etag and not state.etag.startswith("W/"):
-            extra["If-Range"] = state.etag
+    extra = _range_headers(state.offset, etag=state.etag) if state.offset else {}
     resp, _final_url = _open(job, extra)
     with resp:
         status = resp.status_code
@@ -100,12 +97,12 @@ def _stream(job: _Job, state: _State, f: Any, *, probe: bool = False) -> None:
             _reset(job, state)
             f.seek(0)
         elif status == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != state.offset:
+            cr = _content_range(resp, state.offset)
+            if cr is None:
                 raise _Restart(f"bad Content-Range {resp.headers.get('Content-Range')!r} for offset {state.offset}")
             if state.etag and etag and etag != state.etag:
                 raise _Restart("the ETag changed since the partial was written")
-            total = None if m.group(3) == "*" else int(m.group(3))
+            total = cr[1]
             if job.size is not None and total is not None and total != job.size:
                 raise _Transient(f"server reports {total} bytes, expected {job.size}")
         elif status != 200:
@@ -117,11 +114,10 @@ def _stream(job: _Job, state: _State, f: Any, *, probe: bool = False) -> None:
         end = state.offset + int(length) if length and length.isdigit() else None
         if job.size is not None and end is not None and end != job.size:
             raise _Transient(f"server announces {end} bytes in all, expected {job.size}")
-        _pump(job, state, resp.raw, f, limit=job.size if job.size is not None else end, probe=probe)
-    if end is not None and state.offset < end:
-        raise _Transient(f"body ended at byte {state.offset} of {end} (truncated)")
-    if job.size is not None and state.offset < job.size:
-        raise _Transient(f"body ended at byte {state.offset} of {job.size} (truncated)")
+        limit = job.size if job.size is not None else end  # equal to end when both are known (checked above)
+        _pump(job, state, resp.raw, f, limit=limit, probe=probe)
+    if limit is not None and state.offset < limit:
+        raise _Transient(f"body ended at byte {state.offset} of {limit} (truncated)")
 
 
 def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, probe: bool = False) -> None:
@@ -336,8 +332,7 @@ def _drop_ranges(job: _Job, state: _State, f: Any) -> None:
         f.truncate(state.offset)
     except OSError as exc:
         raise cache_os_error(exc, job.part, "writing") from exc
-    state.preallocated = False
-    state.segments = None
+    state.segments = None  # no longer ``preallocated``
 
 
 def _digest_ok(job: _Job, digest: str) -> bool:
