@@ -547,7 +547,7 @@ def test_yaml_python_tags_never_run(tmp_path):
     assert not marker.exists()
 
 
-# --- parser robustness findings: each is a bug today (see the report for the fix in registry.py) ---
+# --- parser robustness: each of these once slipped past the registry parser; hubload/_yaml.py refuses it ---
 
 _BASE = f"version: 1\nmodels:\n  m:\n    source: https://e.com/\n    files: [{{path: a.npz, sha256: {SHA}}}]\n"
 
