@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hubload.cache_fs import _SHA256_RE, _unlink, cache_os_error, safe_model_dir, sha256_file
+from hubload.cache_fs import SHA256_RE, cache_errors, remove_file, safe_model_dir, sha256_file
 from hubload.errors import CacheError
 
 __all__ = ["CacheMaintenance", "CachedFile", "CachedModel", "VerifyResult"]
@@ -123,7 +123,7 @@ class CacheMaintenance:
             for fpath, info in sorted((data.get("files") or {}).items()):
                 sha = str(info.get("sha256", ""))
                 size = int(info.get("size") or 0)
-                present = bool(_SHA256_RE.match(sha)) and self.has_blob(sha, size if info.get("size") else None)
+                present = bool(SHA256_RE.match(sha)) and self.has_blob(sha, size if info.get("size") else None)
                 files.append(CachedFile(path=fpath, sha256=sha, size=size, present=present))
             try:
                 snap = self.snapshot_dir(model_id, data.get("revision"))
@@ -153,16 +153,14 @@ class CacheMaintenance:
         if data is None and not model_dir.exists():
             raise CacheError(f"hubload cache: {model_id!r} is not in the cache at {self.root}; see `hubload cache ls`.")
         mine = _index_shas(data or {})
-        try:
-            _unlink(ref_path)
+        with cache_errors(model_dir, "removing"):
+            remove_file(ref_path)
             if model_dir.exists():
                 shutil.rmtree(model_dir)
-        except OSError as exc:
-            raise cache_os_error(exc, model_dir, "removing") from exc
         still_used = self._referenced()
         freed = 0
         for sha in sorted(mine - still_used):
-            if _SHA256_RE.match(sha):
+            if SHA256_RE.match(sha):
                 freed += self._drop_blob(sha)
         self._remove_empty_dirs()
         return freed
@@ -170,13 +168,12 @@ class CacheMaintenance:
     def _drop_blob(self, sha256: str) -> int:
         """Delete one blob; return its size (0 if absent)."""
         p = self.blob_path(sha256)
-        try:
-            size = p.stat().st_size
-            _unlink(p)
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            raise cache_os_error(exc, p, "removing") from exc
+        with cache_errors(p, "removing"):
+            try:
+                size = p.stat().st_size
+                remove_file(p)
+            except FileNotFoundError:
+                return 0
         return size
 
     def _linked_blobs(self) -> dict[str, list[Path]]:
@@ -189,7 +186,7 @@ class CacheMaintenance:
                 p = Path(dirpath) / name
                 if p.is_symlink():
                     target = os.path.basename(os.readlink(p))
-                    if _SHA256_RE.match(target):
+                    if SHA256_RE.match(target):
                         out.setdefault(target, []).append(p)
         return out
 
@@ -200,7 +197,7 @@ class CacheMaintenance:
         for sub in sorted(self.blobs_dir.iterdir()):
             if sub.is_dir():
                 for p in sorted(sub.iterdir()):
-                    if _SHA256_RE.match(p.name):
+                    if SHA256_RE.match(p.name):
                         yield p.name, p
 
     def prune(self, *, partial_max_age_hours: float = 24.0) -> int:
@@ -231,7 +228,8 @@ class CacheMaintenance:
             freed += self._drop_blob(sha)
         if self.partial_dir.is_dir():
             for part in sorted(self.partial_dir.glob("*.part")):
-                key = part.name[: -len(".part")]
+                # <key>.part (handed back) or <key>.<writer>.part (a writer's own; see hubload.partial)
+                key = part.name[: -len(".part")].split(".", 1)[0]
                 try:
                     st = part.stat()
                 except OSError:
@@ -240,8 +238,8 @@ class CacheMaintenance:
                     continue
                 try:
                     with self.lock(key, timeout=0.01):
-                        _unlink(part)
-                        _unlink(self.partial_meta_path(key))
+                        remove_file(part)
+                        remove_file(part.with_name(part.name + ".json"))
                         freed += st.st_size
                 except CacheError:
                     logger.debug("hubload cache: %s is in use; not pruning it", part)
@@ -252,13 +250,13 @@ class CacheMaintenance:
                 try:
                     st = tmp.stat()
                     if now - st.st_mtime >= partial_max_age_hours * 3600:
-                        _unlink(tmp)
+                        remove_file(tmp)
                         freed += st.st_size
                 except OSError:
                     continue
             for meta in self.partial_dir.glob("*.part.json"):  # metadata whose partial is gone
                 if not meta.with_suffix("").exists() and now - meta.stat().st_mtime > partial_max_age_hours * 3600:
-                    _unlink(meta)
+                    remove_file(meta)
         self._remove_empty_dirs()
         return freed
 
@@ -288,7 +286,7 @@ class CacheMaintenance:
             data = self.read_ref(model_id)
             if data is None:
                 raise CacheError(f"hubload cache: {model_id!r} is not in the cache at {self.root}.")
-            shas = sorted(sha for sha in _index_shas(data) if _SHA256_RE.match(sha))
+            shas = sorted(sha for sha in _index_shas(data) if SHA256_RE.match(sha))
         else:
             shas = [sha for sha, _ in self._all_blobs()]
         links = self._linked_blobs()
@@ -308,6 +306,6 @@ class CacheMaintenance:
             self._drop_blob(sha)
             for link in links.get(sha, []):
                 with contextlib.suppress(OSError):
-                    _unlink(link)
+                    remove_file(link)
             results.append(VerifyResult(sha, p, "corrupt", actual, size))
         return results

@@ -4,7 +4,12 @@ Environment variables (all optional):
 
 ========================  ==============================================================
 ``HUBLOAD_CACHE``         cache directory (default: the platform's user cache dir)
-``HUBLOAD_OFFLINE``       ``1`` makes every cache miss an :class:`~hubload.errors.OfflineError`
+``HUBLOAD_OFFLINE``       ``1`` makes every cache miss an :class:`~hubload.errors.OfflineError`;
+                          ``prefer`` uses what is cached (no request at all, branches not re-resolved)
+                          and goes online only for what is missing; ``0`` (default) checks online
+``HUBLOAD_LOCK_LEASE``    seconds a download waits for another process downloading the same file that
+                          shows no progress, before it goes on by itself (default 60)
+``HUBLOAD_MAX_PER_HOST``  concurrent connections to one host, over all downloads of the process (default 8)
 ``HUBLOAD_REGISTRY``      extra registry files, separated by ``os.pathsep``
 ``HUBLOAD_CONFIG``        config dir holding the user registry (default: platform user config dir)
 ``HUBLOAD_DEBUG``         ``1`` shows tracebacks in the CLI
@@ -29,7 +34,10 @@ __all__ = [
     "hf_endpoint",
     "hf_token",
     "is_offline",
+    "lock_lease",
+    "max_per_host",
     "parallelism",
+    "prefers_cache",
     "registry_env_paths",
     "user_registry_path",
 ]
@@ -80,11 +88,43 @@ def registry_env_paths() -> list[Path]:
     return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
 
 
-def is_offline(explicit: bool | None = None) -> bool:
-    """Offline mode: ``explicit``, else ``HUBLOAD_OFFLINE`` or ``HF_HUB_OFFLINE``."""
+def is_offline(explicit: bool | str | None = None) -> bool:
+    """Offline mode: ``explicit``, else ``HUBLOAD_OFFLINE`` or ``HF_HUB_OFFLINE`` (``prefer`` is not offline)."""
+    if isinstance(explicit, str):
+        return explicit.strip().lower() in _TRUE
     if explicit is not None:
         return explicit
     return _flag("HUBLOAD_OFFLINE") or _flag("HF_HUB_OFFLINE")
+
+
+def prefers_cache(explicit: bool | str | None = None) -> bool:
+    """``HUBLOAD_OFFLINE=prefer`` (or ``offline="prefer"``): serve cached files without asking the network.
+
+    Args:
+        explicit: An ``offline=`` argument; ``"prefer"`` turns it on, True/False decide alone.
+
+    Returns:
+        True when cached entries must be used as they are and only missing files fetched.
+    """
+    if explicit is not None:
+        return isinstance(explicit, str) and explicit.strip().lower() == "prefer"
+    return os.environ.get("HUBLOAD_OFFLINE", "").strip().lower() == "prefer"
+
+
+def lock_lease() -> float:
+    """``HUBLOAD_LOCK_LEASE``: seconds without progress after which a lock waiter goes on (default 60)."""
+    try:
+        return float(os.environ.get("HUBLOAD_LOCK_LEASE", "60"))
+    except ValueError:
+        return 60.0
+
+
+def max_per_host() -> int:
+    """``HUBLOAD_MAX_PER_HOST``: concurrent connections to one host per process (default 8)."""
+    try:
+        return max(1, int(os.environ.get("HUBLOAD_MAX_PER_HOST", "8")))
+    except ValueError:
+        return 8
 
 
 def debug() -> bool:

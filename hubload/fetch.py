@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from .cache import Cache
-from .cache_fs import hash_into
-from .errors import CacheError, HashMismatchError, ModelNotFoundError, OfflineError, RegistryError
+from .cache_fs import cache_errors, hash_into
+from .errors import CacheError, ModelNotFoundError, OfflineError, RegistryError
 from .registry import FileSpec, ModelEntry, RegistryArg, load_registry
 from .sources import ResolvedFile, resolve_file, resolve_hf_revision
 
@@ -111,19 +111,14 @@ def _import_local(entry: ModelEntry, rf: ResolvedFile, cache: Cache) -> Path:
         tmp = cache.tmp_path(key)
         h = hashlib.sha256()
         try:
-            with open(real, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
+            with cache_errors(tmp, "writing"), open(real, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
                 size = hash_into(fin, h, out=fout)
-            digest = h.hexdigest()
-            if spec.size is not None and size != spec.size:
-                raise HashMismatchError(f"model {entry.id!r} file {spec.path!r}: size {size} != registry size "
-                                        f"{spec.size} ({real}); the file changed — fix the registry or the file",
-                                        model_id=entry.id, path=str(real), expected=spec.sha256, actual=digest)
-            expected = spec.sha256 or spec.sha256_prefix or ""
-            if not digest.startswith(expected):
-                raise HashMismatchError(f"model {entry.id!r} file {spec.path!r}: sha256 {digest} does not match the "
-                                        f"registry's {expected} ({real}); the file changed — nothing was cached",
-                                        model_id=entry.id, path=str(real), expected=expected, actual=digest)
-            return cache.publish(tmp, digest)
+            return cache.publish_verified(
+                tmp, h.hexdigest(), size, sha256=spec.sha256, sha256_prefix=spec.sha256_prefix,
+                expected_size=spec.size, where=f"model {entry.id!r} file {spec.path!r} ({real})",
+                hint="The file changed: fix the registry or the file; nothing was cached.",
+                model_id=entry.id, path=str(real),
+            )
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -3,7 +3,7 @@
 A shortcut, never a requirement: a file found there is hashed once and hard-linked (or copied) into
 ``blobs/`` only if it matches the registry's sha256; any failure falls back to a normal download.
 :class:`HFCacheReuse` is mixed into :class:`hubload.cache.Cache` and relies on its ``has_blob``,
-``blob_path``, ``partial_dir``, ``_mkdir`` and ``_publish``. huggingface_hub is imported only when the HF
+``blob_path``, ``tmp_path`` and ``publish_verified`` (the one verify-then-publish path). huggingface_hub is imported only when the HF
 cache has a folder for the repo.
 """
 
@@ -15,8 +15,8 @@ import logging
 import os
 from pathlib import Path
 
-from hubload.cache_fs import _check_sha256, _unlink, hash_into, sha256_file
-from hubload.errors import CacheError
+from hubload.cache_fs import check_sha256, hash_into, remove_file
+from hubload.errors import CacheError, HashMismatchError
 
 __all__ = ["HFCacheReuse", "hf_hub_cache_dir"]
 
@@ -44,7 +44,7 @@ class HFCacheReuse:
         Returns:
             The blob path, or None if the HF cache has no matching file.
         """
-        _check_sha256(sha256)
+        check_sha256(sha256)
         if self.has_blob(sha256, size):
             return self.blob_path(sha256)
         # Most pulls have no HF copy: one stat spares importing huggingface_hub (~0.3 s) on the way to a download.
@@ -68,26 +68,28 @@ class HFCacheReuse:
                 return None
         except OSError:
             return None
-        key = f"hf-{sha256}"
-        self._mkdir(self.partial_dir)
-        tmp = self.partial_dir / f"{key}.{os.getpid()}.{os.urandom(6).hex()}.link"
+        tmp = self.tmp_path(f"hf-{sha256}")
         linked = False
         try:
+            h = hashlib.sha256()
             try:
                 os.link(src, tmp)
                 linked = True
-                actual = sha256_file(tmp)
+                with open(tmp, "rb", buffering=0) as f:
+                    n = hash_into(f, h)
             except OSError:  # cross-device or no hard links: copy, hashing as we go
-                actual = _copy_hashing(src, tmp)
-            if actual != sha256:
-                logger.info("hubload: %s in the HF cache does not match sha256 %s; downloading instead", src, sha256)
-                _unlink(tmp)
-                return None
+                with open(src, "rb", buffering=0) as fi, open(tmp, "wb") as fo:
+                    n = hash_into(fi, h, out=fo)
             # A hard link shares the inode with HF's file: leave its mode alone.
-            return self._publish(tmp, sha256, make_read_only=not linked)
+            return self.publish_verified(tmp, h.hexdigest(), n, sha256=sha256, expected_size=size,
+                                         where=f"{repo_id}: {filename} (Hugging Face cache: {src})",
+                                         read_only=not linked)
+        except HashMismatchError as exc:
+            logger.info("hubload: %s; downloading instead", exc)
+            return None
         except OSError as exc:
             with contextlib.suppress(OSError):
-                _unlink(tmp)
+                remove_file(tmp)
             if isinstance(exc, CacheError):
                 raise
             logger.debug("hubload: could not reuse %s from the HF cache: %s", src, exc)
@@ -108,11 +110,3 @@ def hf_hub_cache_dir() -> Path:
         return Path(home).expanduser() / "hub"
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "huggingface" / "hub"
-
-
-def _copy_hashing(src: Path, dst: Path) -> str:
-    """Copy src to dst in large chunks, hashing on the way; return the digest."""
-    h = hashlib.sha256()
-    with open(src, "rb", buffering=0) as fi, open(dst, "wb") as fo:
-        hash_into(fi, h, out=fo)
-    return h.hexdigest()

@@ -18,6 +18,7 @@ import logging
 import random
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,8 +34,24 @@ from hubload.errors import DownloadError, ModelNotFoundError, OfflineError
 if TYPE_CHECKING:
     from hubload.cache import Cache
 
-__all__ = ["CHUNK_SIZE", "DEFAULT_RETRY", "MAX_REDIRECTS", "UNREACHABLE_ATTEMPTS", "RetryPolicy", "fetch_range",
-           "redact_url"]
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_RETRY",
+    "MAX_REDIRECTS",
+    "NETWORK_ERRORS",
+    "UNREACHABLE_ATTEMPTS",
+    "Body",
+    "Job",
+    "Restart",
+    "RetryPolicy",
+    "Transient",
+    "content_range",
+    "fetch_range",
+    "host_gate",
+    "open_response",
+    "range_headers",
+    "redact_url",
+]
 
 logger = logging.getLogger("hubload")
 
@@ -84,21 +101,79 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-class _Transient(Exception):
-    """A failure worth retrying (network, 5xx, 429, short/long body)."""
+class Transient(Exception):
+    """A failure worth retrying (network, 5xx, 429, short/long body); ``retry_after`` is the server's wish."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False,
-                 unreachable: bool = False) -> None:
+                 unreachable: bool = False, host_url: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.host_url = host_url  # the URL whose host asked for the pause
         self.connect = connect  # never got an HTTP response at all
         self.unreachable = unreachable  # refused, no route or no DNS: nothing is listening, waiting rarely helps
 
 
-class _Restart(Exception):
+class Restart(Exception):
     """The partial file cannot be continued; start again from byte 0."""
 
-_NETWORK_ERRORS = (
+
+class _HostGate:
+    """Per-host throttle shared by every download of the process: a connection cap and a not-before time.
+
+    A 429/503 that asks for a pause (``Retry-After``, ``RateLimit: ...;t=``) pauses every request to that host,
+    not only the one that got it: the other range workers would otherwise hit the limit again at once.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.slots = threading.BoundedSemaphore(cap)
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+        self._waited = threading.local()
+
+    def defer(self, seconds: float, sleep: Callable[[float], None]) -> None:
+        """No new request to this host for ``seconds``; this thread sleeps them now."""
+        target = time.monotonic() + seconds
+        with self._lock:
+            self._not_before = max(self._not_before, target)
+        self._waited.until = target
+        sleep(seconds)
+
+    def wait(self, sleep: Callable[[float], None]) -> None:
+        """Sleep until the host's pause is over (each thread sleeps for one pause only once)."""
+        with self._lock:
+            target = self._not_before
+        if target <= getattr(self._waited, "until", 0.0):
+            return
+        self._waited.until = target
+        left = target - time.monotonic()
+        if left > 0:
+            sleep(left)
+
+
+_gates: dict[str, _HostGate] = {}
+_gates_lock = threading.Lock()
+
+
+def host_gate(url: str) -> _HostGate:
+    """The throttle of ``url``'s host (``HUBLOAD_MAX_PER_HOST`` connections at once).
+
+    Args:
+        url: Any URL of the host.
+
+    Returns:
+        Its gate (one per ``host:port`` per process).
+    """
+    host, port = _host_port(url)
+    key = f"{host}:{port or ''}"
+    with _gates_lock:
+        gate = _gates.get(key)
+        if gate is None:
+            from hubload.config import max_per_host
+
+            gate = _gates[key] = _HostGate(max_per_host())
+        return gate
+
+NETWORK_ERRORS = (
     requests.RequestException,
     urllib3.exceptions.HTTPError,
     http.client.HTTPException,
@@ -163,21 +238,71 @@ def _sends_auth(url: str, auth_host: str) -> bool:
 
 
 def _retry_after(resp: requests.Response) -> float | None:
-    """Parse ``Retry-After`` (seconds or HTTP-date) into seconds."""
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    """Seconds the server asks us to wait: ``Retry-After``, else the IETF ``RateLimit`` headers; None if neither.
+
+    ``Retry-After`` is seconds or an HTTP-date. ``RateLimit: "api";r=0;t=2`` (draft-ietf-httpapi-ratelimit-
+    headers, what the Hugging Face Hub sends) gives each policy's remaining quota ``r`` and seconds to reset
+    ``t``: the wait is the longest ``t`` among exhausted policies (or among all, when none says ``r``).
+    ``RateLimit-Policy`` items may carry ``t=`` too; older drafts' ``RateLimit-Reset`` is read last.
+    """
+    value = (resp.headers.get("Retry-After") or "").strip()
+    if value:
+        if value.isdigit():
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - time.time())
+    for name in ("RateLimit", "RateLimit-Policy"):
+        wait = _ratelimit_reset(resp.headers.get(name) or "")
+        if wait is not None:
+            return wait
+    reset = (resp.headers.get("RateLimit-Reset") or resp.headers.get("X-RateLimit-Reset") or "").strip()
+    if reset.isdigit() and int(reset) < 10**9:  # seconds, not an epoch timestamp
+        return float(reset)
+    return None
 
 
-def _range_headers(start: int, end: int | None = None, etag: str | None = None) -> dict[str, str]:
+_SF_PARAM = re.compile(r';\s*([a-z*][a-z0-9_.*-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.I)
+
+
+def _ratelimit_reset(header: str) -> float | None:
+    """Seconds to wait from a ``RateLimit`` / ``RateLimit-Policy`` structured-field list, or None."""
+    resets: list[tuple[bool, float]] = []  # (exhausted or unknown, t)
+    for item in _split_sf_list(header):
+        params = {k.lower(): v for k, v in _SF_PARAM.findall(item)}
+        t = params.get("t")
+        if t is None or not t.replace(".", "", 1).isdigit():
+            continue
+        r = params.get("r")
+        exhausted = r is None or (r.isdigit() and int(r) == 0)
+        resets.append((exhausted, float(t)))
+    chosen = [t for exhausted, t in resets if exhausted] or [t for _, t in resets]
+    return max(chosen) if chosen else None
+
+
+def _split_sf_list(header: str) -> list[str]:
+    """Split a structured-field list on commas outside quoted strings."""
+    items, cur, quoted, escaped = [], [], False, False
+    for ch in header:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    items.append("".join(cur))
+    return [i.strip() for i in items if i.strip()]
+
+
+def range_headers(start: int, end: int | None = None, etag: str | None = None) -> dict[str, str]:
     """``Range`` for bytes ``[start, end)`` (to the end of the file without ``end``), plus ``If-Range``.
 
     ``If-Range`` is sent only for a strong ``etag``: a weak one (``W/...``) is not allowed there.
@@ -188,7 +313,7 @@ def _range_headers(start: int, end: int | None = None, etag: str | None = None) 
     return headers
 
 
-def _content_range(resp: requests.Response, start: int) -> tuple[int, int | None] | None:
+def content_range(resp: requests.Response, start: int) -> tuple[int, int | None] | None:
     """A 206's ``Content-Range`` as (last byte, total or None for ``*``).
 
     None if the header is missing, malformed or does not begin at ``start``.
@@ -200,8 +325,8 @@ def _content_range(resp: requests.Response, start: int) -> tuple[int, int | None
 
 
 @dataclass
-class _Job:
-    """Everything one download needs, so helpers take one argument."""
+class Job:
+    """Everything one transfer needs, so helpers take one argument (built by ``transfer.download``)."""
 
     url: str
     cache: Cache | None
@@ -217,6 +342,9 @@ class _Job:
     timeout: Any
     key: str = ""
     bar: Any = None
+    part: Path = field(default=Path(), repr=False)   # this writer's partial file (hubload.partial.PartialFile)
+    meta: Path = field(default=Path(), repr=False)   # its resume metadata
+    beat: Callable[[], None] = field(default=lambda: None, repr=False)  # progress heartbeat of the lock lease
 
     @property
     def where(self) -> str:
@@ -224,22 +352,33 @@ class _Job:
         who = ": ".join(x for x in (self.model_id, self.file) if x)
         return f"{who} ({redact_url(self.url)})" if who else redact_url(self.url)
 
-    @property
-    def part(self) -> Path:
-        """The partial file."""
-        assert self.cache is not None  # noqa: S101 - only downloads (which have a cache) use it
-        return self.cache.partial_path(self.key)
-
-    @property
-    def meta(self) -> Path:
-        """The resume metadata."""
-        assert self.cache is not None  # noqa: S101 - see part
-        return self.cache.partial_meta_path(self.key)
+    def pause(self, seconds: float, exc: Transient | None = None) -> None:
+        """Back off before the next attempt. When the server asked for the pause, every request to its host waits."""
+        if exc is not None and exc.retry_after is not None and exc.host_url:
+            host_gate(exc.host_url).defer(seconds, self.retries.sleep)
+        else:
+            self.retries.sleep(seconds)
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
-def _open(job: _Job, extra: Mapping[str, str] | None = None) -> tuple[requests.Response, str]:
-    """GET ``job.url`` (streamed), following redirects by hand; Authorization only to ``auth_host``."""
+def open_response(job: Job, extra: Mapping[str, str] | None = None) -> tuple[requests.Response, str]:
+    """GET ``job.url`` (streamed), following redirects by hand; Authorization only to ``auth_host``.
+
+    Each hop waits for its host's pause (see :func:`host_gate`) and holds one of its connection slots until the
+    returned response is closed.
+
+    Args:
+        job: The transfer.
+        extra: Extra headers (``Range``, ``If-Range``).
+
+    Returns:
+        ``(response, final URL)``; close the response (``with resp:``) to free the host's slot.
+
+    Raises:
+        Transient: worth retrying (its ``retry_after`` says how long the server wants us to wait).
+        Restart: HTTP 416.
+        DownloadError, ModelNotFoundError: not worth retrying; the message says why.
+    """
     url = job.url
     for _hop in range(MAX_REDIRECTS + 1):
         headers = {"Accept-Encoding": "identity", **job.headers, **(extra or {})}
@@ -249,42 +388,78 @@ def _open(job: _Job, extra: Mapping[str, str] | None = None) -> tuple[requests.R
             for k in [k for k in headers if k.lower() == "authorization"]:
                 del headers[k]
             headers["Authorization"] = None  # type: ignore[assignment]
+        gate = host_gate(url)
+        gate.wait(job.retries.sleep)
+        gate.slots.acquire()
+        release = _once(gate.slots.release)
         try:
-            resp = job.session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=job.timeout)
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as exc:
-            raise DownloadError(f"{job.where}: invalid request: {exc}.", url=job.url, model_id=job.model_id) from None
-        except requests.exceptions.SSLError as exc:
-            raise DownloadError(f"{job.where}: TLS error: {exc}. Check the system certificates / proxy.",
-                                url=job.url, model_id=job.model_id) from None
-        except _NETWORK_ERRORS as exc:
-            raise _Transient(f"cannot connect: {type(exc).__name__}: {exc}",
-                             connect=isinstance(exc, requests.ConnectionError), unreachable=_unreachable(exc)) from None
-        if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
-            nxt = urljoin(url, resp.headers["Location"])
-            resp.close()
-            if urlsplit(nxt).scheme not in ("http", "https"):
-                raise DownloadError(f"{job.where}: refusing redirect to a non-HTTP URL {redact_url(nxt)}.",
-                                    url=job.url, model_id=job.model_id)
-            logger.debug("hubload: %s redirects to %s", redact_url(url), redact_url(nxt))
-            url = nxt
-            continue
-        _raise_for_status(job, resp)
+            try:
+                resp = job.session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                       timeout=job.timeout)
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                    requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as exc:
+                raise DownloadError(f"{job.where}: invalid request: {exc}.", url=job.url,
+                                    model_id=job.model_id) from None
+            except requests.exceptions.SSLError as exc:
+                raise DownloadError(f"{job.where}: TLS error: {exc}. Check the system certificates / proxy.",
+                                    url=job.url, model_id=job.model_id) from None
+            except NETWORK_ERRORS as exc:
+                raise Transient(f"cannot connect: {type(exc).__name__}: {exc}",
+                                connect=isinstance(exc, requests.ConnectionError),
+                                unreachable=_unreachable(exc)) from None
+            if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
+                nxt = urljoin(url, resp.headers["Location"])
+                resp.close()
+                release()
+                if urlsplit(nxt).scheme not in ("http", "https"):
+                    raise DownloadError(f"{job.where}: refusing redirect to a non-HTTP URL {redact_url(nxt)}.",
+                                        url=job.url, model_id=job.model_id)
+                logger.debug("hubload: %s redirects to %s", redact_url(url), redact_url(nxt))
+                url = nxt
+                continue
+            _raise_for_status(job, resp, url)
+        except BaseException:
+            release()
+            raise
+        close = resp.close
+
+        def close_and_release(close: Callable[[], None] = close, release: Callable[[], None] = release) -> None:
+            try:
+                close()
+            finally:
+                release()
+
+        resp.close = close_and_release  # type: ignore[method-assign]
         return resp, url
     raise DownloadError(f"{job.where}: more than {MAX_REDIRECTS} redirects; the server is misconfigured.",
                         url=job.url, model_id=job.model_id)
 
 
-def _raise_for_status(job: _Job, resp: requests.Response) -> None:
+def _once(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` callable many times, run only the first time."""
+    done = threading.Lock()
+
+    def run() -> None:
+        if done.acquire(blocking=False):
+            fn()
+
+    return run
+
+
+def _raise_for_status(job: Job, resp: requests.Response, url: str) -> None:
     """Map an HTTP error status to a retry (5xx/429) or an immediate, explained error."""
     status = resp.status_code
     if status < 400:
         return
     resp.close()
     if status in _RETRY_STATUS or status >= 500:
-        raise _Transient(f"HTTP {status} {resp.reason or ''}".strip(), retry_after=_retry_after(resp))
+        wait = _retry_after(resp)
+        what = f"HTTP {status} {resp.reason or ''}".strip()
+        if status == 429:
+            what += " (rate limited" + (f"; the server asks to wait {wait:g}s)" if wait is not None else ")")
+        raise Transient(what, retry_after=wait, host_url=url)
     if status == 416:
-        raise _Restart("HTTP 416 (range not satisfiable)")
+        raise Restart("HTTP 416 (range not satisfiable)")
     if status in (401, 403):
         raise DownloadError(
             f"{job.where}: HTTP {status}: authentication required or access denied. If this is a gated or "
@@ -302,7 +477,7 @@ def _raise_for_status(job: _Job, resp: requests.Response) -> None:
                         url=job.url, model_id=job.model_id)
 
 
-class _Body:
+class Body:
     """A response body read straight into caller buffers (``recv_into``; no per-chunk ``bytes`` objects).
 
     For a plain ``Content-Length`` body the socket's buffered reader is read with ``readinto1`` and the length
@@ -391,7 +566,7 @@ def fetch_range(
         raise OfflineError(f"{who}: offline mode is on, so {redact_url(url)} was not read. Turn offline mode "
                            "off, or pull the model while online.", url=url, model_id=model_id or None)
     own_session = session is None
-    job = _Job(
+    job = Job(
         url=url, cache=None, sha256=None, size=None, sha256_prefix=None,
         headers=dict(headers or {}), auth_host=auth_host or urlsplit(url).netloc.rsplit("@", 1)[-1],
         model_id=model_id, file=file, retries=retries, session=session or requests.Session(), timeout=timeout,
@@ -402,10 +577,10 @@ def fetch_range(
         while True:
             try:
                 return _read_range(job, start, end)
-            except _Restart as exc:  # 416: the file is shorter than start
+            except Restart as exc:  # 416: the file is shorter than start
                 logger.debug("hubload: range [%d, %d) of %s: %s", start, end, job.where, exc)
                 return b""
-            except _Transient as exc:
+            except Transient as exc:
                 failures += 1
                 unreachable = unreachable + 1 if exc.unreachable else 0  # see _transfer: fail fast when down
                 if failures >= retries.attempts or unreachable >= UNREACHABLE_ATTEMPTS:
@@ -414,20 +589,20 @@ def fetch_range(
                             "offline mode with a cached copy." if cls is OfflineError else "")
                     raise cls(f"{job.where}: reading bytes {start}-{end - 1} failed after {failures} attempts: "
                               f"{exc}.{hint}", url=url, model_id=model_id or None) from None
-                retries.sleep(retries.delay(unreachable or failures, exc.retry_after))
+                job.pause(retries.delay(unreachable or failures, exc.retry_after), exc)
     finally:
         if own_session:
             job.session.close()
 
 
-def _read_range(job: _Job, start: int, end: int) -> bytes:
+def _read_range(job: Job, start: int, end: int) -> bytes:
     """One ranged GET; tolerate a 200 by skipping to ``start`` in the full body."""
-    resp, _ = _open(job, _range_headers(start, end))
+    resp, _ = open_response(job, range_headers(start, end))
     with resp:
         skip = 0
         if resp.status_code == 206:
-            if _content_range(resp, start) is None:
-                raise _Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
+            if content_range(resp, start) is None:
+                raise Transient(f"bad Content-Range {resp.headers.get('Content-Range')!r}")
         elif resp.status_code == 200:
             skip = start
         else:
@@ -441,6 +616,6 @@ def _read_range(job: _Job, start: int, end: int) -> bytes:
                 if not data:
                     break
                 out += data
-        except _NETWORK_ERRORS as exc:
-            raise _Transient(f"connection lost: {type(exc).__name__}: {exc}") from None
+        except NETWORK_ERRORS as exc:
+            raise Transient(f"connection lost: {type(exc).__name__}: {exc}") from None
     return bytes(out[skip: skip + want])

@@ -2,7 +2,7 @@
 
 Only used when a file is big, its digest is known (segments of two versions of a file cannot then be spliced
 undetected) and the server honours Range; ``hubload.transfer`` decides when and falls back to one stream on
-:class:`_NoRanges`. Each range's progress is checkpointed, so a killed parallel download resumes every range
+:class:`NoRanges`. Each range's progress is checkpointed, so a killed parallel download resumes every range
 where it stopped.
 """
 
@@ -16,30 +16,36 @@ from typing import Any
 
 import requests
 
-from hubload.cache_fs import cache_os_error
+from hubload.cache_fs import cache_errors
 from hubload.httpio import (
     CHUNK_SIZE,
-    _NETWORK_ERRORS,
-    _Body,
-    _content_range,
-    _Job,
-    _open,
-    _range_headers,
-    _Restart,
-    _Transient,
+    NETWORK_ERRORS,
+    Body,
+    Job,
+    Restart,
+    Transient,
+    content_range,
+    open_response,
+    range_headers,
 )
-from hubload.partial import _pwrite_all, _segments_from, _State, _write_meta
+from hubload.partial import State, pwrite_all, segments_from, write_meta
+
+__all__ = ["CHECKPOINT_SECONDS", "SEGMENT_MAX", "SEGMENT_SIZE", "WRITE_SECONDS", "NoRanges", "fetch_parallel"]
 
 SEGMENT_SIZE = 16 * 1024 * 1024       # smallest unit of work of a parallel download
 SEGMENT_MAX = 64 * 1024 * 1024        # largest
-CHECKPOINT_SECONDS = 1.0              # record a parallel download's per-range progress this often (and per range)
+# What a SIGKILL loses is what arrived but was not yet written, plus what was written since the last record of
+# the per-range progress: a slow link writes at least every WRITE_SECONDS, and the record is rewritten every
+# CHECKPOINT_SECONDS (a small JSON file, no fsync: about a hundred microseconds).
+CHECKPOINT_SECONDS = 0.1
+WRITE_SECONDS = 0.1
 
 
-class _NoRanges(Exception):
+class NoRanges(Exception):
     """The server does not honour Range: a parallel download must fall back to one stream."""
 
 
-def _checkpoint(job: _Job, state: _State) -> None:
+def _checkpoint(job: Job, state: State) -> None:
     """Record a parallel download's ``bytes_done`` and per-range progress (no fsync: see below).
 
     A crash can leave the metadata claiming bytes the disk never got; the resumed file then fails
@@ -47,15 +53,25 @@ def _checkpoint(job: _Job, state: _State) -> None:
     that was written (the page cache survives the process). Syncing every checkpoint cost more than the whole
     transfer on a fast link; one fsync before publish keeps the published blob crash-safe.
     """
-    _write_meta(job, state, durable=False)
+    write_meta(job, state, durable=False)
 
 
-def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
+def fetch_parallel(job: Job, state: State, f: Any, workers: int) -> None:
     """Fetch ``[state.offset, size)`` with ``workers`` ranged requests into a preallocated file.
+
+    Args:
+        job: The transfer (its ``size`` must be known).
+        state: Its progress; ``offset``/``hasher`` advance as the file completes in order.
+        f: The partial file, open ``r+b``.
+        workers: Connections.
+
+    Raises:
+        NoRanges: the server ignores Range (fall back to one stream).
+        Transient, Restart: as for one stream.
 
     Workers ``pwrite`` their segments; this thread hashes the file in order as contiguous bytes complete,
     re-reading just-written data from the page cache (one memory copy, no disk read in practice) so memory
-    stays bounded to one chunk per worker. Raises ``_NoRanges`` if the server ignores Range.
+    stays bounded to one chunk per worker. Raises ``NoRanges`` if the server ignores Range.
 
     ``state.segments`` (start -> written end) is the plan: reused as is when resuming (from disk or after a
     retry), so each range continues after its written bytes; the hasher reads every segment from its start,
@@ -63,18 +79,16 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
     ``CHECKPOINT_SECONDS`` and whenever a range completes.
     """
     if job.size is None:
-        raise _NoRanges()
+        raise NoRanges()
     size = job.size
     fd = f.fileno()
-    try:
+    with cache_errors(job.part, "preallocating"):
         if hasattr(os, "posix_fallocate"):
             os.posix_fallocate(fd, 0, size)
         else:
             os.ftruncate(fd, size)
-    except OSError as exc:
-        raise cache_os_error(exc, job.part, "preallocating") from exc
     if state.segments and min(state.segments) <= state.offset:
-        state.segments = _segments_from(state.segments, state.offset, size)
+        state.segments = segments_from(state.segments, state.offset, size)
     else:
         # Fewer, larger segments on big files (each request costs a round trip and a new connection), but at
         # least 4 per worker so a slow connection cannot hold up the end for long.
@@ -82,7 +96,7 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
         state.segments = {a: a for a in range(state.offset, size, seg)}
     starts = sorted(state.segments)
     segments = list(zip(starts, [*starts[1:], size]))
-    _write_meta(job, state)
+    write_meta(job, state)
 
     done: dict[int, int] = {}  # segment start -> end, once fully written
     landed = [0]  # segments fully written so far; each one triggers a checkpoint
@@ -141,7 +155,7 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
                     n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos) if hasattr(os, "preadv") else \
                         _pread_into(fd, view[: min(len(buf), end - pos)], pos)
                     if n <= 0:
-                        raise _Restart("partial file shorter than written data")
+                        raise Restart("partial file shorter than written data")
                     state.hasher.update(view[:n])
                     pos += n
                     if job.bar is not None:
@@ -158,7 +172,7 @@ def _parallel(job: _Job, state: _State, f: Any, workers: int) -> None:
     finally:
         with cond:
             if state.offset < size:
-                errors.append(_Transient("parallel download interrupted"))
+                errors.append(Transient("parallel download interrupted"))
             cond.notify_all()
         for t in threads:
             t.join()
@@ -182,7 +196,7 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> int:
     return len(data)
 
 
-def _fetch_segment(job: _Job, state: _State, etag: list[str | None], fd: int, a: int, b: int) -> None:
+def _fetch_segment(job: Job, state: State, etag: list[str | None], fd: int, a: int, b: int) -> None:
     """Fetch bytes ``[a, b)`` into the file at ``a``, from ``state.segments[a]`` on; retries resume inside it.
 
     ``state.segments[a]`` advances after each write, so a checkpoint (or a later run) knows what is on disk.
@@ -193,36 +207,35 @@ def _fetch_segment(job: _Job, state: _State, etag: list[str | None], fd: int, a:
     while pos < b:
         before = pos
         try:
-            resp, _ = _open(job, _range_headers(pos, b, etag[0]))
+            resp, _ = open_response(job, range_headers(pos, b, etag[0]))
             with resp:
-                cr = _content_range(resp, pos)
+                cr = content_range(resp, pos)
                 if resp.status_code != 206 or cr is None or cr[0] != b - 1:
-                    raise _NoRanges()
+                    raise NoRanges()
                 got = resp.headers.get("ETag")
                 if etag[0] is None:
                     etag[0] = got
                 elif got and got != etag[0]:
-                    raise _Restart("the ETag changed during a parallel download")
-                body = _Body(resp.raw)
+                    raise Restart("the ETag changed during a parallel download")
+                body = Body(resp.raw)
                 try:
                     while pos < b:
-                        # On a slow link, write at least every 0.25 s: what is written is what a resume keeps.
-                        n = body.fill(view[: min(len(view), b - pos)], deadline=time.monotonic() + 0.25)
+                        # On a slow link, write at least every WRITE_SECONDS: what is written is what a resume keeps.
+                        n = body.fill(view[: min(len(view), b - pos)], deadline=time.monotonic() + WRITE_SECONDS)
                         if not n:
-                            raise _Transient(f"range {a}-{b - 1} ended at byte {pos} (truncated)")
+                            raise Transient(f"range {a}-{b - 1} ended at byte {pos} (truncated)")
                         state.received = True
-                        try:
-                            _pwrite_all(fd, view[:n], pos)
-                        except OSError as exc:
-                            raise cache_os_error(exc, job.part, "writing") from exc
+                        with cache_errors(job.part, "writing"):
+                            pwrite_all(fd, view[:n], pos)
                         pos += n
+                        job.beat()
                         if state.segments is not None:
                             state.segments[a] = pos
-                except _NETWORK_ERRORS as exc:
-                    raise _Transient(f"connection lost in range {a}-{b - 1}: {type(exc).__name__}: {exc}") from None
-        except _Transient as exc:
+                except NETWORK_ERRORS as exc:
+                    raise Transient(f"connection lost in range {a}-{b - 1}: {type(exc).__name__}: {exc}") from None
+        except Transient as exc:
             failures = 1 if pos > before else failures + 1
             # Nothing listening and nothing received yet: let _transfer's short give-up rule decide.
             if failures >= job.retries.attempts or (exc.unreachable and not state.received):
                 raise
-            job.retries.sleep(job.retries.delay(failures, exc.retry_after))
+            job.pause(job.retries.delay(failures, exc.retry_after), exc)

@@ -41,27 +41,28 @@ from urllib.parse import urlsplit
 
 import requests
 
+from hubload import config
 from hubload.cache import Cache
-from hubload.cache_fs import cache_os_error
-from hubload.errors import DownloadError, HashMismatchError, HubloadError, OfflineError
+from hubload.cache_fs import cache_errors, digest_mismatch
+from hubload.errors import DownloadError, OfflineError
 from hubload.httpio import (  # the public ones are re-exported: see __all__
-    _NETWORK_ERRORS,
     CHUNK_SIZE,
     DEFAULT_RETRY,
+    NETWORK_ERRORS,
     UNREACHABLE_ATTEMPTS,
+    Body,
+    Job,
+    Restart,
     RetryPolicy,
-    _Body,
-    _Job,
-    _content_range,
-    _open,
-    _range_headers,
-    _Restart,
-    _Transient,
+    Transient,
+    content_range,
     fetch_range,
+    open_response,
+    range_headers,
     redact_url,
 )
-from hubload.partial import _load_state, _pwrite_all, _reset, _State, _write_meta
-from hubload.ranges import _NoRanges, _parallel
+from hubload.partial import PartialFile, State, load_state, pwrite_all, reset_partial, write_meta
+from hubload.ranges import WRITE_SECONDS, NoRanges, fetch_parallel
 
 __all__ = ["CHUNK_SIZE", "DEFAULT_RETRY", "UNREACHABLE_ATTEMPTS", "RetryPolicy", "download", "fetch_range",
            "redact_url"]
@@ -81,46 +82,46 @@ class _GoParallel(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- one stream
-def _stream(job: _Job, state: _State, f: Any, *, probe: bool = False) -> None:
+def _stream(job: Job, state: State, f: Any, *, probe: bool = False) -> None:
     """One GET from ``state.offset`` to the end, appending to ``f`` and hashing on the way.
 
     With ``probe``, raise ``_GoParallel`` (everything received so far kept) if the stream runs slower than
     ``STREAM_FAST`` after ``PROBE_SECONDS`` and enough of the file is left to be worth splitting.
     """
-    extra = _range_headers(state.offset, etag=state.etag) if state.offset else {}
-    resp, _final_url = _open(job, extra)
+    extra = range_headers(state.offset, etag=state.etag) if state.offset else {}
+    resp, _final_url = open_response(job, extra)
     with resp:
         status = resp.status_code
         etag = resp.headers.get("ETag")
         if status == 200 and state.offset:
             logger.info("hubload: %s ignored the Range request (or the file changed); restarting from 0", job.where)
-            _reset(job, state)
+            reset_partial(job, state)
             f.seek(0)
         elif status == 206:
-            cr = _content_range(resp, state.offset)
+            cr = content_range(resp, state.offset)
             if cr is None:
-                raise _Restart(f"bad Content-Range {resp.headers.get('Content-Range')!r} for offset {state.offset}")
+                raise Restart(f"bad Content-Range {resp.headers.get('Content-Range')!r} for offset {state.offset}")
             if state.etag and etag and etag != state.etag:
-                raise _Restart("the ETag changed since the partial was written")
+                raise Restart("the ETag changed since the partial was written")
             total = cr[1]
             if job.size is not None and total is not None and total != job.size:
-                raise _Transient(f"server reports {total} bytes, expected {job.size}")
+                raise Transient(f"server reports {total} bytes, expected {job.size}")
         elif status != 200:
             raise DownloadError(f"{job.where}: unexpected HTTP {status}.", url=job.url, model_id=job.model_id)
         if etag != state.etag or state.offset == 0:
             state.etag = etag
-            _write_meta(job, state)
+            write_meta(job, state)
         length = resp.headers.get("Content-Length")
         end = state.offset + int(length) if length and length.isdigit() else None
         if job.size is not None and end is not None and end != job.size:
-            raise _Transient(f"server announces {end} bytes in all, expected {job.size}")
+            raise Transient(f"server announces {end} bytes in all, expected {job.size}")
         limit = job.size if job.size is not None else end  # equal to end when both are known (checked above)
         _pump(job, state, resp.raw, f, limit=limit, probe=probe)
     if limit is not None and state.offset < limit:
-        raise _Transient(f"body ended at byte {state.offset} of {limit} (truncated)")
+        raise Transient(f"body ended at byte {state.offset} of {limit} (truncated)")
 
 
-def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, probe: bool = False) -> None:
+def _pump(job: Job, state: State, raw: Any, f: Any, *, limit: int | None, probe: bool = False) -> None:
     """Read the body into a ring of buffers; a writer thread writes them and a hashing thread hashes them.
 
     Three stages overlap (socket reads, ``pwrite``, sha256 all release the GIL) and no chunk is copied in
@@ -141,7 +142,9 @@ def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, prob
             buf, pos, n = item
             if not failure:
                 try:
-                    _pwrite_all(fd, memoryview(buf)[:n], pos)
+                    with cache_errors(job.part, "writing"):
+                        pwrite_all(fd, memoryview(buf)[:n], pos)
+                    job.beat()
                 except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
                     failure.append(exc)
             if failure:
@@ -167,18 +170,18 @@ def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, prob
                threading.Thread(target=hasher, name="hubload-hasher", daemon=True)]
     for t in threads:
         t.start()
-    body = _Body(raw)
+    body = Body(raw)
     received = started_at = state.offset
     t0 = time.monotonic()
     try:
         while not failure:
             buf = free.get()
-            # Big chunks on a fast link; on a slow one, hand over at least every 0.25 s so the partial file
-            # (what a killed run resumes from, and what lock waiters watch) keeps growing.
+            # Big chunks on a fast link; on a slow one, hand over at least every WRITE_SECONDS so the partial
+            # file (what a killed run resumes from) keeps growing.
             view = memoryview(buf)
             got = 0
             lost: BaseException | None = None
-            deadline = time.monotonic() + 0.25
+            deadline = time.monotonic() + WRITE_SECONDS
             try:
                 while got < len(view):
                     n = body.readinto1(view[got:])
@@ -187,11 +190,11 @@ def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, prob
                     got += n
                     if time.monotonic() >= deadline:
                         break
-            except _NETWORK_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 lost = exc  # bytes that arrived before a reset are kept: the retry resumes after them
             if got and limit is not None and received + got > limit:
                 free.put(buf)
-                raise _Restart(f"server sent more than the expected {limit} bytes")
+                raise Restart(f"server sent more than the expected {limit} bytes")
             if got:
                 state.received = True
                 to_write.put((buf, received, got))
@@ -199,7 +202,7 @@ def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, prob
             else:
                 free.put(buf)
             if lost is not None:
-                raise _Transient(f"connection lost after {received} bytes: {type(lost).__name__}: {lost}") from None
+                raise Transient(f"connection lost after {received} bytes: {type(lost).__name__}: {lost}") from None
             if not got:
                 break
             if probe and (elapsed := time.monotonic() - t0) >= PROBE_SECONDS:
@@ -214,19 +217,33 @@ def _pump(job: _Job, state: _State, raw: Any, f: Any, *, limit: int | None, prob
         for t in threads:
             t.join()
         if failure:
-            exc = failure[0]
-            if isinstance(exc, OSError) and not isinstance(exc, HubloadError):
-                raise cache_os_error(exc, job.part, "writing") from exc
-            raise exc
+            raise failure[0]
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-def _transfer(job: _Job, parallel: int) -> Path:
-    """Run the download loop under the lock; return the published blob."""
+def _transfer(job: Job, parallel: int, lease: float) -> Path:
+    """Claim a partial file (see ``hubload.partial``), run the download loop into it, verify and publish it."""
     cache = job.cache
     assert cache is not None  # noqa: S101 - download() always sets it
-    cache._mkdir(cache.partial_dir)
-    state = _load_state(job)
+    partial = PartialFile.claim(cache, job.key, lease=lease)
+    job.part, job.meta = partial.path, partial.meta
+    try:
+        blob = _transfer_into(job, parallel)
+    except BaseException:
+        if job.part.exists():
+            partial.hand_back()
+        else:
+            partial.discard()
+        raise
+    partial.finish()
+    return blob
+
+
+def _transfer_into(job: Job, parallel: int) -> Path:
+    """The retry loop over one partial file; return the published blob."""
+    cache = job.cache
+    assert cache is not None  # noqa: S101 - see _transfer
+    state = load_state(job)
     failures = 0
     unreachable = 0  # consecutive "nobody is listening" failures before any byte arrived
     restarts = 0
@@ -241,17 +258,15 @@ def _transfer(job: _Job, parallel: int) -> Path:
     if job.bar is not None:
         job.bar.reset(total=job.size)
         job.bar.update(state.offset)
-    try:
+    with cache_errors(job.part, "opening"):
         f = open(job.part, "r+b")  # noqa: SIM115 - closed in finally, needed across retries
-    except OSError as exc:
-        raise cache_os_error(exc, job.part, "opening") from exc
     try:
         while True:
             before = state.offset
             try:
                 if job.size is None or state.offset < job.size:
                     if use_parallel and not probe:
-                        _parallel(job, state, f, parallel)
+                        fetch_parallel(job, state, f, parallel)
                     else:
                         if state.preallocated:
                             _drop_ranges(job, state, f)
@@ -263,41 +278,36 @@ def _transfer(job: _Job, parallel: int) -> Path:
                             continue
                 f.flush()
                 digest = state.hasher.hexdigest()
-                if _digest_ok(job, digest):
+                problem = digest_mismatch(digest, state.offset, sha256=job.sha256, sha256_prefix=job.sha256_prefix,
+                                          expected_size=job.size)
+                if problem is None:
                     break
                 if state.resumed_from_disk and restarts == 0:
                     # The prefix from an earlier run may be damaged (power loss): one clean retry from 0.
                     logger.warning("hubload: %s: resumed file failed verification; downloading it again", job.where)
                     restarts += 1
-                    _reset(job, state)
+                    reset_partial(job, state)
                     continue
-                _discard(job, f)
-                expected = job.sha256 or f"{job.sha256_prefix}..."
-                raise HashMismatchError(
-                    f"{job.where}: sha256 mismatch: expected {expected}, got {digest}. The download was "
-                    "discarded. If the file changed upstream, update the registry's sha256; otherwise retry.",
-                    url=job.url, model_id=job.model_id, expected=job.sha256 or job.sha256_prefix, actual=digest,
-                    path=job.file or None,
-                )
-            except _NoRanges:
+                break  # publish_verified below refuses it, deletes it and says why
+            except NoRanges:
                 logger.info("hubload: %s does not honour Range; using a single stream", job.where)
                 use_parallel = False
-                _reset(job, state)
-            except _Restart as exc:
+                reset_partial(job, state)
+            except Restart as exc:
                 restarts += 1
                 logger.info("hubload: %s: %s; restarting from byte 0", job.where, exc)
                 if restarts > job.retries.attempts:
                     raise DownloadError(f"{job.where}: gave up after {restarts} restarts ({exc}).",
                                         url=job.url, model_id=job.model_id) from None
-                _reset(job, state)
-            except _Transient as exc:
+                reset_partial(job, state)
+            except Transient as exc:
                 # A flaky link that still makes progress should finish the file, not burn the attempts.
                 failures = 1 if state.offset - before >= (1 << 20) else failures + 1
                 # Refused / no DNS with no byte ever received: the server is down or the machine offline, and
                 # the whole backoff schedule would only make the user wait; once more after a short pause.
                 unreachable = unreachable + 1 if exc.unreachable and not state.received else 0
                 with suppress(OSError):
-                    _write_meta(job, state)
+                    write_meta(job, state)
                 if unreachable >= UNREACHABLE_ATTEMPTS:
                     kept = " (the partial download is kept for the next attempt)" if state.resumed_from_disk else ""
                     raise OfflineError(
@@ -309,50 +319,35 @@ def _transfer(job: _Job, parallel: int) -> Path:
                     cls = OfflineError if exc.connect and state.offset == 0 else DownloadError
                     hint = ("the server is unreachable; check the network or use offline mode with a "
                             "cached copy" if cls is OfflineError else
+                            "the server kept limiting the request rate; wait a while, or lower "
+                            "HUBLOAD_PARALLEL / HUBLOAD_MAX_PER_HOST, then run the command again (the bytes "
+                            "already downloaded are kept)" if exc.retry_after is not None else
                             "run the command again to resume from the bytes already downloaded")
-                    raise cls(f"{job.where}: failed after {failures} attempts: {exc}; {hint}.",
+                    raise cls(f"{job.where}: failed after {failures} attempts (the retry budget): {exc}; {hint}.",
                               url=job.url, model_id=job.model_id) from None
                 wait = job.retries.delay(unreachable or failures, exc.retry_after)
                 logger.info("hubload: %s: %s; retrying in %.1fs (attempt %d of %d)",
                             job.where, exc, wait, failures + 1, job.retries.attempts)
-                job.retries.sleep(wait)
+                job.beat()  # alive and doing what the server asked: not a stalled holder
+                job.pause(wait, exc)
         f.close()
-        blob = cache.publish(job.part, digest)
-        with suppress(FileNotFoundError):
-            job.meta.unlink()
-        return blob
+        return cache.publish_verified(
+            job.part, digest, state.offset, sha256=job.sha256, sha256_prefix=job.sha256_prefix,
+            expected_size=job.size, where=job.where, url=job.url, model_id=job.model_id, path=job.file or None,
+        )
     finally:
         if not f.closed:
             f.close()
 
 
-def _drop_ranges(job: _Job, state: _State, f: Any) -> None:
+def _drop_ranges(job: Job, state: State, f: Any) -> None:
     """Before one stream continues a preallocated file: keep only the hashed prefix, as a stream expects."""
-    try:
+    with cache_errors(job.part, "writing"):
         f.truncate(state.offset)
-    except OSError as exc:
-        raise cache_os_error(exc, job.part, "writing") from exc
     state.segments = None  # no longer ``preallocated``
 
 
-def _digest_ok(job: _Job, digest: str) -> bool:
-    """Compare with the full sha256 or, torch.hub style, a prefix."""
-    if job.sha256 is not None:
-        return digest == job.sha256
-    if job.sha256_prefix:
-        return digest.startswith(job.sha256_prefix.lower())
-    return True
-
-
-def _discard(job: _Job, f: Any) -> None:
-    """Delete a partial that failed verification, and its metadata."""
-    f.close()
-    for p in (job.part, job.meta):
-        with suppress(FileNotFoundError):
-            p.unlink()
-
-
-def _make_bar(job: _Job, progress: bool | Mapping[str, Any] | None) -> Any:
+def _make_bar(job: Job, progress: bool | Mapping[str, Any] | None) -> Any:
     """A tqdm bar on stderr, or None; ``disable=None`` switches it off when stderr is not a TTY."""
     if progress is False:
         return None
@@ -386,6 +381,7 @@ def download(
     session: requests.Session | None = None,
     timeout: float | tuple[float, float] = (10, 60),
     lock_timeout: float | None = 600.0,
+    lock_lease: float | None = None,
 ) -> Path:
     """Download ``url`` into the cache, verified, and return the blob path.
 
@@ -412,7 +408,10 @@ def download(
         session: A ``requests.Session`` to reuse; one is created per call otherwise.
         timeout: ``(connect, read)`` timeout in seconds.
         lock_timeout: Give up waiting for another process downloading the same file after this many seconds
-            *without progress* on its partial file (None: wait as long as it lives).
+            *without progress* (None: wait as long as it lives). Only matters when it is below ``lock_lease``.
+        lock_lease: Seconds without progress from that other process after which this one goes on by itself
+            (default ``HUBLOAD_LOCK_LEASE``, 60). Safe: each writer has its own partial file and only verified
+            bytes are published, so a stalled holder that wakes up later does no harm.
 
     Returns:
         The path of the verified, read-only blob.
@@ -438,18 +437,20 @@ def download(
         )
     key = sha256 if sha256 is not None else "url-" + hashlib.sha256(url.encode()).hexdigest()[:40]
     own_session = session is None
-    job = _Job(
+    job = Job(
         url=url, cache=cache, sha256=sha256, size=size, sha256_prefix=sha256_prefix, headers=dict(headers or {}),
         auth_host=auth_host or urlsplit(url).netloc.rsplit("@", 1)[-1], model_id=model_id, file=file,
         retries=retries, session=session or requests.Session(), timeout=timeout, key=key,
     )
+    lease = config.lock_lease() if lock_lease is None else lock_lease
     try:
-        with cache.lock(key, timeout=lock_timeout, watch=job.part):
+        with cache.lock(key, timeout=lock_timeout, lease=lease) as held:
             if sha256 is not None and cache.has_blob(sha256, size):  # someone else just finished it
                 return cache.blob_path(sha256)
+            job.beat = held.beat
             job.bar = _make_bar(job, progress)
             try:
-                return _transfer(job, parallel or 1)
+                return _transfer(job, parallel or 1, lease)
             finally:
                 if job.bar is not None:
                     job.bar.close()

@@ -239,8 +239,8 @@ def test_lock_of_a_killed_process_is_released(cache) -> None:
     finally:
         proc.kill()
         proc.wait()
-    with cache.lock("k", timeout=10) as path:
-        assert path == cache.locks_dir / "k.lock"
+    with cache.lock("k", timeout=10) as lease:
+        assert lease.path == cache.locks_dir / "k.lock" and lease.held
 
 
 def test_lock_waits_while_the_holder_makes_progress(cache) -> None:

@@ -61,6 +61,13 @@ def _nothing_published(cache: Cache) -> bool:
     return not blobs and not models
 
 
+def _writer_partial(cache: Cache, key: str) -> tuple[Path, Path]:
+    """The partial file (and metadata) a running writer keeps under its own name, ``<key>.<writer>.part``."""
+    found = sorted(cache.partial_dir.glob(f"{key}.*.part")) if cache.partial_dir.exists() else []
+    part = found[0] if found else cache.partial_dir / f"{key}.none.part"
+    return part, part.with_name(part.name + ".json")
+
+
 def _gets(server: FileServer | HubServer, path: str = "/w.bin") -> list:
     server.wait_idle()
     return [r for r in server.requests if r.method == "GET" and r.path == path]
@@ -154,10 +161,12 @@ def test_resume_after_sigkill_of_a_previous_run(file_server, blob3, cache, tmp_p
         f"download({url!r}, Cache({str(cache.root)!r}), sha256={sha!r}, size={len(data)})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    part, meta = cache.partial_path(sha), cache.partial_meta_path(sha)
     try:
         deadline = time.monotonic() + 30
-        while not (part.exists() and part.stat().st_size >= 300_000 and meta.exists()):
+        while True:
+            part, meta = _writer_partial(cache, sha)
+            if part.exists() and part.stat().st_size >= 300_000 and meta.exists():
+                break
             assert proc.poll() is None, "the first run ended before it could be killed"
             assert time.monotonic() < deadline, "the first run never wrote its partial"
             time.sleep(0.02)
@@ -559,11 +568,10 @@ def test_killed_parallel_download_resumes_every_range_where_it_stopped(file_serv
         f"t.download({url!r}, Cache({str(cache.root)!r}), sha256={sha!r}, size={len(data)}, parallel=4)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    meta_path = cache.partial_meta_path(sha)
 
     def partly_written() -> int:
         try:
-            segs = json.loads(meta_path.read_text()).get("segments", {})
+            segs = json.loads(_writer_partial(cache, sha)[1].read_text()).get("segments", {})
         except (OSError, ValueError):
             return 0
         return sum(1 for a, w in segs.items() if int(a) < w < int(a) + 300_000)
@@ -577,7 +585,7 @@ def test_killed_parallel_download_resumes_every_range_where_it_stopped(file_serv
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(_writer_partial(cache, sha)[1].read_text())
     assert meta["preallocated"] and not cache.has_blob(sha)
     done, segs = meta["bytes_done"], {int(a): w for a, w in meta["segments"].items()}
     bounds = sorted(segs)
