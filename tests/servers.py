@@ -23,6 +23,14 @@ Fault kinds (parameters in brackets):
     status               an error response with ``status`` (default 503)
     429                  429 Too Many Requests with ``Retry-After: retry_after`` ("rate_limit" is an alias)
     redirect_other_host  302 to the same resource on the other loopback host (the CDN, for the Hub)
+    ratelimit            429 with only the IETF headers in ``headers`` (e.g. ``RateLimit: "api";r=0;t=2``),
+                         no ``Retry-After``
+
+Server-wide settings (attributes, changeable at any time): ``throttle`` caps the body bytes per second of
+all responses together (a link, not a per-connection limit), and :meth:`bytes_sent` sums what the server
+sent, so a resume test counts re-sent bytes on the server side. ``HubServer.bare_cdn`` makes the CDN
+host answer without the Hub's headers (no ``ETag``, no ``Accept-Ranges``; Range is still honoured), like
+the storage host the Hub's Xet bridge redirects to.
 
 Pytest fixtures (import with ``pytest_plugins = ["tests.servers"]`` or ``from tests.servers import *``):
 ``file_server``, ``hub_server``, ``minilm_file``, ``minilm_sha256``, ``minilm_hub``.
@@ -81,6 +89,7 @@ FAULT_KINDS = frozenset(
         "status",
         "429",
         "redirect_other_host",
+        "ratelimit",
     }
 )
 _FAULT_ALIASES = {"rate_limit": "429", "too_many_requests": "429"}
@@ -117,6 +126,7 @@ class Fault:
         offset: Absolute file offset of the first corrupted byte for ``wrong_bytes`` (default: middle of
             the body sent).
         count: Number of corrupted bytes for ``wrong_bytes``.
+        headers: Response headers of a ``ratelimit`` fault.
     """
 
     kind: str
@@ -130,6 +140,7 @@ class Fault:
     extra: int = 16
     offset: int | None = None
     count: int = 1
+    headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.kind = _FAULT_ALIASES.get(self.kind, self.kind)
@@ -365,6 +376,9 @@ class _BaseServer:
         self._threads: list[threading.Thread] = []
         self.url = ""
         self.alt_url = ""
+        self.throttle: int | None = None  # bytes/second over all responses together
+        self._pace_lock = threading.Lock()
+        self._pace_next = 0.0
 
     # lifecycle ------------------------------------------------------------------------------------------
 
@@ -503,6 +517,31 @@ class _BaseServer:
             and (host is None or r.host.startswith(host))
         )
 
+    def bytes_sent(self, path: str | None = None, *, since: int = 0) -> int:
+        """Body bytes sent, over the logged GETs from index ``since`` on (optionally only ``path`` matches).
+
+        Args:
+            path: Only paths equal to or ``fnmatch``-matching this.
+            since: First log index to count (``len(server.requests)`` taken earlier).
+
+        Returns:
+            The sum of ``bytes_sent``.
+        """
+        return sum(r.bytes_sent for r in self.requests[since:]
+                   if r.method == "GET" and (path is None or fnmatch.fnmatchcase(r.path, path)))
+
+    def _pace(self, n: int) -> None:
+        """Wait for ``n`` bytes' turn under ``throttle`` (shared by every connection)."""
+        rate = self.throttle
+        if not rate:
+            return
+        with self._pace_lock:
+            now = time.monotonic()
+            start = max(now, self._pace_next)
+            self._pace_next = start + n / rate
+        if start > now and self._stop.wait(start - now):
+            raise _Abort
+
     def reset_log(self) -> None:
         """Forget all logged requests."""
         with self._lock:
@@ -543,6 +582,8 @@ class _BaseServer:
             record.fault = fault.kind if fault else None
             if fault is not None and fault.kind == "status":
                 response = _error_response(fault.status, f"injected {fault.status} for {path}")
+            elif fault is not None and fault.kind == "ratelimit":
+                response = _error_response(429, f"injected rate limit for {path}", **(fault.headers or {}))
             elif fault is not None and fault.kind == "429":
                 response = _error_response(
                     429, f"injected rate limit for {path}", **{"Retry-After": str(fault.retry_after)}
@@ -595,6 +636,8 @@ class _BaseServer:
         chunk = CHUNK_SIZE
         if kind == "slow":
             chunk = max(1, min(CHUNK_SIZE, fault.rate // 20))  # ~20 writes per second keeps pacing smooth
+        if self.throttle:
+            chunk = max(1, min(chunk, self.throttle // 50))
         corrupt = (0, 0)
         if kind == "wrong_bytes":
             first = fault.offset if fault.offset is not None else start + (end - start) // 2
@@ -613,6 +656,7 @@ class _BaseServer:
                     data = bytes(buf)
                 if self._stop.is_set():
                     raise _Abort
+                self._pace(len(data))
                 h.wfile.write(data)
                 pos += len(data)
                 record.bytes_sent += len(data)
@@ -767,11 +811,13 @@ class HubServer(_BaseServer):
     Args:
         redirect_lfs: Answer resolve requests for LFS files with a 302 to the CDN on the other loopback
             host, as huggingface.co does; can be changed at any time through the attribute.
+        bare_cdn: The CDN answers with no ``ETag`` and no ``Accept-Ranges`` (it still honours Range).
     """
 
-    def __init__(self, *, redirect_lfs: bool = False) -> None:
+    def __init__(self, *, redirect_lfs: bool = False, bare_cdn: bool = False) -> None:
         super().__init__()
         self.redirect_lfs = redirect_lfs
+        self.bare_cdn = bare_cdn
         self._repos: dict[str, _Repo] = {}
         self._by_sha: dict[str, _Blob] = {}
 
@@ -929,6 +975,8 @@ class HubServer(_BaseServer):
         if blob is None:
             return _error_response(404, f"no blob {sha} on the CDN")
         headers = {"ETag": f'"{sha}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if self.bare_cdn:
+            headers = {"Content-Type": "application/octet-stream"}
         return _Response(200, headers, blob, ranged=True)
 
     def _api(self, h: _Handler, segments: list[str]) -> _Response:
