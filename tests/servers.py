@@ -368,6 +368,7 @@ class _BaseServer:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
+        self.peak_inflight = 0  # most requests answered at the same time (a client's connection count)
         self._log: list[Request] = []
         self._faults: list[tuple[str | None, Fault]] = []
         self._conns: set[socket.socket] = set()
@@ -577,6 +578,7 @@ class _BaseServer:
         with self._lock:
             self._log.append(record)
             self._inflight += 1
+            self.peak_inflight = max(self.peak_inflight, self._inflight)
         try:
             fault = self._take_fault(h.command, path)
             record.fault = fault.kind if fault else None
