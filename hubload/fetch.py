@@ -55,18 +55,22 @@ def _known_sha(entry: ModelEntry, spec: FileSpec, ref: Mapping[str, Any] | None)
     return sha
 
 
-def cached_files(entry: ModelEntry, *, cache: Cache | None = None, allow_unpinned: bool = False) -> dict[str, Path] | None:
+def cached_files(entry: ModelEntry, *, cache: Cache | None = None,
+                 allow_unpinned: bool | None = None) -> dict[str, Path] | None:
     """The local files of ``entry`` if all are cached, without any network request or hashing.
 
     Args:
         entry: The registry entry.
         cache: The cache (default: ``HUBLOAD_CACHE``).
-        allow_unpinned: Also accept files of unpinned entries recorded by an earlier pull (offline use).
+        allow_unpinned: Also accept files of unpinned entries recorded by an earlier pull (offline use);
+            default: only with ``HUBLOAD_OFFLINE=prefer``.
 
     Returns:
         File path → local path, or None when something is missing.
     """
     cache = cache or Cache()
+    if allow_unpinned is None:
+        allow_unpinned = config.prefers_cache()
     ref = None
     if not entry.pinned:
         ref = cache.read_ref(entry.id)
@@ -154,7 +158,7 @@ def _fetch_one(entry: ModelEntry, rf: ResolvedFile, cache: Cache, *, offline: bo
     return blob.name, blob
 
 
-def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool | None = None,
+def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool | str | None = None,
                token: str | bool | None = None, progress: bool | None = None,
                parallel: int | None = None, timeout: float | tuple[float, float] | None = None,
                retries: RetryPolicy | None = None) -> dict[str, Path]:
@@ -166,7 +170,8 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
     Args:
         entry: A registry entry.
         cache: The cache (default: ``HUBLOAD_CACHE`` or the user cache dir).
-        offline: Forbid network access (default: ``HUBLOAD_OFFLINE``/``HF_HUB_OFFLINE``).
+        offline: Forbid network access; ``"prefer"`` uses cached files without any request and fetches only
+            missing ones (default: ``HUBLOAD_OFFLINE`` = ``1`` / ``prefer`` / ``0``, or ``HF_HUB_OFFLINE``).
         token: Hub token for hf:// sources (default: ``HF_TOKEN`` or the saved login; False disables).
         progress: Show tqdm progress on stderr (default: only on a TTY).
         parallel: Concurrent connections (default: ``HUBLOAD_PARALLEL`` or 8).
@@ -188,13 +193,16 @@ def pull_entry(entry: ModelEntry, *, cache: Cache | None = None, offline: bool |
                              label=f"model {entry.id!r}")
 
 
-def _pull_entry(entry: ModelEntry, *, cache: Cache | None, offline: bool | None, token: str | bool | None,
+def _pull_entry(entry: ModelEntry, *, cache: Cache | None, offline: bool | str | None, token: str | bool | None,
                 progress: bool | None, parallel: int | None, timeout: float | tuple[float, float] | None,
                 retries: RetryPolicy | None) -> dict[str, Path]:
     """The pull itself (one process)."""
     cache = cache or Cache()
+    # HUBLOAD_OFFLINE=prefer: what is cached is used as it is (a branch is not re-resolved), zero requests;
+    # only an entry with a missing file goes online.
+    prefer = config.prefers_cache(offline)
     offline = config.is_offline(offline)
-    hit = cached_files(entry, cache=cache, allow_unpinned=offline)
+    hit = cached_files(entry, cache=cache, allow_unpinned=offline or prefer)
     if hit is not None:
         log.debug("model %r: cache hit, no network", entry.id)
         if entry.pinned and not cache.has_ref(entry.id):
@@ -250,7 +258,7 @@ def _write_ref(entry: ModelEntry, cache: Cache, commit: str | None, results: Map
 
 
 def pull(model_id: str, *, registry: RegistryArg = None, cache_dir: str | os.PathLike[str] | None = None,
-         offline: bool | None = None, token: str | bool | None = None, progress: bool | None = None,
+         offline: bool | str | None = None, token: str | bool | None = None, progress: bool | None = None,
          parallel: int | None = None, timeout: float | tuple[float, float] | None = None,
          retries: RetryPolicy | None = None) -> dict[str, Path]:
     """Pull a registry model's weight files into the local cache, every byte verified.
@@ -259,7 +267,7 @@ def pull(model_id: str, *, registry: RegistryArg = None, cache_dir: str | os.Pat
         model_id: A registry ID (see ``hubload list``).
         registry: Extra registry (path, list of paths, mapping or Registry) looked up first.
         cache_dir: Cache root (default: ``HUBLOAD_CACHE`` or the user cache dir).
-        offline: Forbid network access (default: ``HUBLOAD_OFFLINE``/``HF_HUB_OFFLINE``).
+        offline: Forbid network access, or ``"prefer"`` the cache (see :func:`pull_entry`).
         token: Hub token for hf:// sources (default: ``HF_TOKEN`` or the saved login).
         progress: Show progress bars on stderr (default: only on a TTY).
         parallel: Concurrent connections (default 8).

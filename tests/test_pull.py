@@ -310,3 +310,34 @@ def test_offline_mode_still_reads_local_sources(tmp_path, cache, monkeypatch) ->
         "source": "weights", "files": [{"path": "w.safetensors", "sha256": _sha(data), "size": len(data)}]}})
     monkeypatch.setenv("HUBLOAD_OFFLINE", "1")  # a local folder needs no network
     assert pull("rel", registry=reg)["w.safetensors"].read_bytes() == data
+
+
+def test_offline_prefer_uses_the_cache_with_zero_requests_and_fetches_only_what_is_missing(
+        hub_server, tmp_path, cache, monkeypatch) -> None:
+    cached, missing = _data(50_000, seed=14), _data(60_000, seed=15)
+    hub_server.add_file(REPO, COMMIT, "a.safetensors", cached)
+    hub_server.add_file(REPO, COMMIT, "b.safetensors", missing)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    reg = write_registry(tmp_path / "r.yaml", {
+        "floating": {"source": f"hf://{REPO}", "revision": "main", "files": [{"path": "a.safetensors"}]},
+        "other": {"source": f"hf://{REPO}", "revision": "main", "files": [{"path": "b.safetensors"}]},
+    })
+    first = pull("floating", registry=reg)
+    hub_server.wait_idle()
+    hub_server.reset_log()
+
+    monkeypatch.setenv("HUBLOAD_OFFLINE", "prefer")
+    # Cached, on a moving branch: used as it is, without even re-resolving the branch.
+    assert pull("floating", registry=reg) == first
+    assert cached_files(load_registry(reg).get("floating")) == first  # what load's header pre-check asks
+    hub_server.wait_idle()
+    assert hub_server.requests == []
+    # Not cached: fetched online, verified.
+    out = pull("other", registry=reg)
+    assert out["b.safetensors"].read_bytes() == missing
+    assert len(body_gets(hub_server)) == 1
+    hub_server.reset_log()
+    assert pull("other", registry=reg) == out
+    assert pull("floating", registry=reg, offline="prefer") == first
+    hub_server.wait_idle()
+    assert hub_server.requests == []
