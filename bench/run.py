@@ -68,6 +68,8 @@ class Ctx:
     big: RepoFile | None = None
     shards: list[RepoFile] = field(default_factory=list)
     minilm: RepoFile | None = None
+    disk_files: list[RepoFile] = field(default_factory=list)
+    disk_dir: Path | None = None
 
     def scratch(self, name: str) -> Path:
         """A fresh, empty directory for one run (a cold cache)."""
@@ -176,6 +178,59 @@ def cold_pull(ctx: Ctx, *, slow: bool = False) -> list[Row]:
         Row("1b", f"cold pull {size_label}, sha256 verified, vs curl -o (no hash)", fmt_s(hs, rf.size), fmt_s(cs, rf.size),
             cs / hs, ">= 0.8x", cs / hs >= 0.8, raw={"hubload": h, "baseline": c}),
     ]
+
+
+def _wall(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall time of one process, interpreter start and imports included; dirty pages flushed first (untimed)."""
+    os.sync()  # the previous run's writeback must not slow this one (curl and hf leave it to the kernel)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{proc.stderr[-3000:]}")
+    return {"seconds": dt}
+
+
+def cold_pull_disk(ctx: Ctx) -> list[Row]:
+    """(1c-1f) cold pull into a cache on the real disk, each tool a fresh process (start included)."""
+    assert ctx.disk_dir is not None
+    rows: list[Row] = []
+    env = ctx.env()
+    load = os.getloadavg()
+    for n, rf in enumerate(ctx.disk_files):
+        reg = ctx.registry(f"disk{n}", [rf])
+        size_label = f"{rf.size / (1 << 30):g} GiB" if rf.size >= 1 << 30 else f"{rf.size >> 20} MiB"
+
+        def fresh(name: str) -> Path:
+            p = ctx.disk_dir / name  # type: ignore[operator]
+            shutil.rmtree(p, ignore_errors=True)
+            p.mkdir(parents=True)
+            return p
+
+        def hubload(_: int, reg: Path = reg, n: int = n) -> dict[str, Any]:
+            return _wall([PY, "-m", "hubload", "pull", f"disk{n}", "--registry", str(reg), "--no-progress"],
+                         {**env, "HUBLOAD_CACHE": str(fresh("hl"))})
+
+        def hf(_: int, rf: RepoFile = rf) -> dict[str, Any]:
+            code = ("import sys; from huggingface_hub import hf_hub_download; "
+                    "hf_hub_download(sys.argv[1], sys.argv[2], revision=sys.argv[3], cache_dir=sys.argv[4])")
+            return _wall([PY, "-c", code, rf.repo, rf.path, rf.commit, str(fresh("hf"))], env)
+
+        def curl(_: int, rf: RepoFile = rf) -> dict[str, Any]:
+            return _wall(["curl", "-sS", "-f", "-o", str(fresh("curl") / "file"), ctx.server.endpoint + rf.uri], env)
+
+        res = compare(ctx, {"hubload": hubload, "hf": hf, "curl": curl})
+        hs, bs, cs = med(res["hubload"]), med(res["hf"]), med(res["curl"])
+        note = f"cache on disk {ctx.disk_dir}; hubload fsyncs before publishing; load average {load[0]:.1f}"
+        rows += [
+            Row(f"1{'ce'[n % 2]}", f"cold pull {size_label} to disk, `hubload pull` process, vs hf_hub_download "
+                f"process", fmt_s(hs, rf.size), fmt_s(bs, rf.size), bs / hs, ">= 3x", bs / hs >= 3, note=note,
+                raw={"hubload": res["hubload"], "baseline": res["hf"]}),
+            Row(f"1{'df'[n % 2]}", f"cold pull {size_label} to disk, `hubload pull` process, vs curl -o",
+                fmt_s(hs, rf.size), fmt_s(cs, rf.size), cs / hs, ">= 0.8x", cs / hs >= 0.8,
+                raw={"hubload": res["hubload"], "baseline": res["curl"]}),
+        ]
+    return rows
 
 
 def cold_pull_slow(ctx: Ctx) -> list[Row]:
@@ -367,7 +422,7 @@ def import_time(ctx: Ctx) -> list[Row]:
 
 
 SCENARIOS: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
-    ("1", cold_pull), ("2", cold_pull_slow), ("3", sharded), ("4", warm_hit), ("5", load_torch), ("6", load_keras),
+    ("1", cold_pull), ("1d", cold_pull_disk), ("2", cold_pull_slow), ("3", sharded), ("4", warm_hit), ("5", load_torch), ("6", load_keras),
     ("7", meta_rss), ("8", check_command), ("9", import_time),
 ]
 
@@ -412,6 +467,9 @@ def setup_data(ctx: Ctx, only: set[str]) -> None:
     if only & {"1", "2"}:
         size = (256 if ctx.quick else 1024) * MIB
         ctx.big = s.add("bench/big", COMMIT, "model.safetensors", size, seed=1)
+    if "1d" in only:
+        ctx.disk_files = [s.add("bench/disk", COMMIT, f"model-{mib}.safetensors", mib * MIB, seed=2 + i)
+                          for i, mib in enumerate((512, 1024))]
     if "3" in only:
         each = (32 if ctx.quick else 128) * MIB
         ctx.shards = [s.add("bench/sharded", COMMIT, f"model-{i + 1:05d}-of-00008.safetensors", each, seed=10 + i)
@@ -426,6 +484,12 @@ def default_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+def _mkdirs(path: str) -> str:
+    """``path``, created if needed."""
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -434,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated scenario ids, e.g. 1,4")
     ap.add_argument("--dir", default=default_dir(), help="where caches and downloads go (default: %(default)s)")
     ap.add_argument("--data-dir", default=default_dir(), help="where the served files are generated")
+    ap.add_argument("--disk-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hubload-bench"),
+                    help="a directory on the real disk for row 1d (default: %(default)s)")
     ap.add_argument("--out", type=Path, help="JSON output (default bench/results/<timestamp>.json)")
     args = ap.parse_args(argv)
     if find_nginx() is None:
@@ -446,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(tempfile.mkdtemp(prefix="hubload-bench-data-", dir=args.data_dir))
     server = HubServer(data / "hub", work / "nginx")
     ctx = Ctx(quick=args.quick, runs=args.runs or (3 if args.quick else 5), work=work, server=server)
+    ctx.disk_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_mkdirs(args.disk_dir)))
     (work / "data").mkdir()
     rows: list[Row] = []
     started = time.time()
@@ -469,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(ctx.disk_dir, ignore_errors=True)
     print_table(rows)
     out = args.out or HERE / "results" / time.strftime("%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from hubload.httpio import (
     open_response,
     range_headers,
 )
-from hubload.partial import State, pwrite_all, segments_from, write_meta
+from hubload.partial import State, pwrite_all, segments_from, start_writeback, write_meta
 
 __all__ = ["CHECKPOINT_SECONDS", "SEGMENT_MAX", "SEGMENT_SIZE", "WRITE_SECONDS", "NoRanges", "fetch_parallel"]
 
@@ -227,6 +227,7 @@ def _fetch_segment(job: Job, state: State, etag: list[str | None], fd: int, a: i
                         state.received = True
                         with cache_errors(job.part, "writing"):
                             pwrite_all(fd, view[:n], pos)
+                        start_writeback(fd, pos, n)
                         pos += n
                         job.beat()
                         if state.segments is not None:

@@ -61,7 +61,7 @@ from hubload.httpio import (  # the public ones are re-exported: see __all__
     range_headers,
     redact_url,
 )
-from hubload.partial import PartialFile, State, load_state, pwrite_all, reset_partial, write_meta
+from hubload.partial import PartialFile, State, load_state, pwrite_all, reset_partial, start_writeback, write_meta
 from hubload.ranges import WRITE_SECONDS, NoRanges, fetch_parallel
 
 __all__ = ["CHUNK_SIZE", "DEFAULT_RETRY", "UNREACHABLE_ATTEMPTS", "RetryPolicy", "download", "fetch_range",
@@ -144,6 +144,7 @@ def _pump(job: Job, state: State, raw: Any, f: Any, *, limit: int | None, probe:
                 try:
                     with cache_errors(job.part, "writing"):
                         pwrite_all(fd, memoryview(buf)[:n], pos)
+                    start_writeback(fd, pos, n)
                     job.beat()
                 except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
                     failure.append(exc)
