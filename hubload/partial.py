@@ -59,8 +59,8 @@ def _meta_of(part: Path) -> Path:
 
 
 def _pid_gone(pid: int) -> bool:
-    """Whether no process with this pid exists on this host."""
-    if pid == os.getpid():
+    """Whether no process with this pid exists on this host (never guessed off POSIX: it waits for the lease)."""
+    if pid == os.getpid() or os.name != "posix":  # Windows' os.kill(pid, 0) would send CTRL_C_EVENT
         return False
     try:
         os.kill(pid, 0)
@@ -132,6 +132,8 @@ class PartialFile:
                     with contextlib.suppress(OSError):
                         remove_file(p)
                 continue
+            with contextlib.suppress(OSError):
+                os.utime(me.path)  # fresh again: others must not take it as a stalled writer's
             logger.info("hubload: continuing the partial download %s (%s)", cand.name,
                         "left by a finished or dead writer" if how == "rename" else
                         "copied from a writer that made no progress for the lease")

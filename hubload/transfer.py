@@ -7,11 +7,14 @@ with one ``os.replace``. Nothing unverified ever appears under ``blobs/`` or ``m
 
 Robustness, in order of what goes wrong in practice:
 
-* a per-target ``flock`` makes N threads/processes pulling the same file do one transfer;
+* a per-target lease lock (``flock`` plus a heartbeat, ``HUBLOAD_LOCK_LEASE``) makes N threads/processes
+  pulling the same file do one transfer, and a stalled holder blocks nobody for longer than the lease;
+  nothing correct depends on it: each writer has its own partial file (``hubload.partial``);
 * an interrupted transfer (even SIGKILL) resumes with ``Range`` (+ ``If-Range``); a server that ignores
   the Range (200), answers 416, or whose ETag changed restarts cleanly from byte 0;
-* connection errors, timeouts, resets, 5xx and 429 (honouring ``Retry-After``) retry with capped
-  exponential backoff and jitter, each retry resuming from the bytes already written; other 4xx fail at once;
+* connection errors, timeouts, resets, 5xx and 429 (honouring ``Retry-After`` and the IETF ``RateLimit``
+  headers, for every request to that host) retry with capped exponential backoff and jitter, each retry
+  resuming from the bytes already written; other 4xx fail at once;
   a server nobody answers for (refused, no DNS) before any byte arrived fails fast with ``OfflineError``;
 * redirects are followed by hand so ``Authorization`` only ever goes to ``auth_host``;
 * large files can be fetched with parallel ranged requests into one preallocated file; each range's progress
@@ -245,6 +248,7 @@ def _transfer_into(job: Job, parallel: int) -> Path:
     cache = job.cache
     assert cache is not None  # noqa: S101 - see _transfer
     state = load_state(job)
+    job.beat()  # re-hashing a long prefix is progress too
     failures = 0
     unreachable = 0  # consecutive "nobody is listening" failures before any byte arrived
     restarts = 0
