@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,8 @@ from hubload.families import FAMILIES, Family, family_for_class
 from hubload.layout import Transform
 
 __all__ = ["PortGroup", "build", "keras_spec"]
+
+logger = logging.getLogger("hubload")
 
 _ONE_D = ("bias", "gamma", "beta", "scale", "moving_mean", "moving_variance")
 Hook = Callable[[Any, list[int]], Any] | None
@@ -75,8 +78,29 @@ def build(cls: type, config: dict[str, Any]) -> Any:
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RegistryError(f"{family.keras} cannot be built from this config.json ({type(exc).__name__}: {exc}); "
                             f"keras-hub's {family.converter} converts it", field="config") from exc
+    _exact_gelu(model, config)
     model._hubload_hf_config = config  # the converter's weight mapping needs it again (keras_spec)
     return model
+
+
+def _exact_gelu(backbone: Any, config: dict[str, Any]) -> None:
+    """Use the exact GELU where config.json asks for it: keras-hub's BertBackbone hard-codes the tanh
+    approximation, which moves all-MiniLM-L6-v2's outputs by ~2e-3 from transformers' BertModel."""
+    act = config.get("hidden_act", config.get("activation"))
+    if act != "gelu":
+        return
+    import keras
+
+    exact = keras.activations.get("gelu")  # approximate=False
+    changed = 0
+    for layer in backbone._flatten_layers(include_self=False, recursive=True):
+        fn = getattr(layer, "activation", None)
+        if callable(fn) and getattr(fn, "__name__", "") == "gelu_approximate":
+            layer.activation = exact
+            changed += 1
+    if changed:
+        logger.info("%s: %d layers switched to the exact GELU (config.json hidden_act: gelu)",
+                    type(backbone).__name__, changed)
 
 
 def _with_defaults(family: Family, config: dict[str, Any]) -> dict[str, Any]:

@@ -346,6 +346,21 @@ def resolve_repo(repo_id: str, revision: str | None = None, *, include: Sequence
     rev = revision or "main"
     tok = config.hf_token(token)
     snap = repo_snapshot(repo_id, rev, token=tok or False, offline=offline)
+    try:
+        return _resolve(snap, include, tok, cache)
+    except DownloadError as exc:
+        # A gated repo's metadata is public, its files are not: httpio's 401/403 becomes a typed refusal.
+        if snap.gated and re.search(r"HTTP 40[13]\b", str(exc)) and not isinstance(exc, AccessDeniedError):
+            has = "the token given has no access" if tok else "no token was given"
+            raise AccessDeniedError(f"hf://{repo_id} is a gated repository and {has}; accept its terms on the "
+                                    "Hub, then set HF_TOKEN (or run `hf auth login`)", url=config.hf_endpoint(),
+                                    model_id=repo_id) from None
+        raise
+
+
+def _resolve(snap: RepoSnapshot, include: Sequence[str], tok: str | None, cache: Any) -> RepoResolution:
+    """:func:`resolve_repo` once the snapshot is known."""
+    repo_id, rev = snap.repo_id, snap.revision
     fetch = RepoFetcher(snap, tok, cache)
     choice = choose_weights(snap, read_index=fetch.json)
     wanted = list(choice.paths)
