@@ -71,22 +71,24 @@ def build(cls: type, config: dict[str, Any]) -> Any:
         model.eval()
         return model
     converter = _converter(family)
-    config = _with_defaults(family, config)
     try:
-        kwargs = converter.convert_backbone_config(config)
+        try:
+            kwargs = converter.convert_backbone_config(config)
+        except KeyError:  # a partial config (hand-written registry entry): complete it as transformers would
+            config = _with_defaults(family, config)
+            kwargs = converter.convert_backbone_config(config)
         model = cls(**kwargs)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RegistryError(f"{family.keras} cannot be built from this config.json ({type(exc).__name__}: {exc}); "
                             f"keras-hub's {family.converter} converts it", field="config") from exc
-    _exact_gelu(model, config)
+    _exact_gelu(model, config.get("hidden_act", config.get("activation", family.hidden_act)))
     model._hubload_hf_config = config  # the converter's weight mapping needs it again (keras_spec)
     return model
 
 
-def _exact_gelu(backbone: Any, config: dict[str, Any]) -> None:
+def _exact_gelu(backbone: Any, act: Any) -> None:
     """Use the exact GELU where config.json asks for it: keras-hub's BertBackbone hard-codes the tanh
     approximation, which moves all-MiniLM-L6-v2's outputs by ~2e-3 from transformers' BertModel."""
-    act = config.get("hidden_act", config.get("activation"))
     if act != "gelu":
         return
     import keras
@@ -211,7 +213,16 @@ def _maps_onto(cand: tuple[int, ...], ports: list[tuple[Any, Hook]]) -> list[np.
             return None
         outs.append(got)
     seen = np.concatenate([o.ravel() for o in outs])
-    if seen.size != probe.size or np.unique(seen).size != probe.size:
+    if seen.dtype.kind not in "iu":  # a hook that casts (to float) still carries the exact indices
+        if seen.dtype.kind != "f" or not np.array_equal(seen, np.round(seen)):
+            return None
+        seen = seen.astype(np.int64)
+        outs = [o.astype(np.int64) for o in outs]
+    if seen.size and (seen.min() < 0 or seen.max() >= probe.size):
+        return None
+    hit = np.zeros(probe.size, dtype=bool)
+    hit[seen] = True
+    if seen.size != probe.size or not hit.all():  # every element lands exactly once
         return None
     return outs
 

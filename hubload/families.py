@@ -40,6 +40,7 @@ class Family:
         converter: The keras-hub converter module (config conversion + name mapping).
         torch_output: How to call the torch model for the family's sequence output (for docs and tests):
             ``"base"`` = the model itself, ``"model"`` = its ``.model`` attribute (causal LMs).
+        hidden_act: transformers' default activation when config.json names none.
     """
 
     name: str
@@ -49,15 +50,16 @@ class Family:
     keras: str
     converter: str
     torch_output: str = "base"
+    hidden_act: str | None = None
 
 
 _CONVERT = "keras_hub.src.utils.transformers.convert_"
 
 FAMILIES: tuple[Family, ...] = (
     Family("bert", ("bert",), "transformers:BertModel", "transformers:BertConfig",
-           "keras_hub.models:BertBackbone", _CONVERT + "bert"),
+           "keras_hub.models:BertBackbone", _CONVERT + "bert", hidden_act="gelu"),
     Family("distilbert", ("distilbert",), "transformers:DistilBertModel", "transformers:DistilBertConfig",
-           "keras_hub.models:DistilBertBackbone", _CONVERT + "distilbert"),
+           "keras_hub.models:DistilBertBackbone", _CONVERT + "distilbert", hidden_act="gelu"),
     Family("gpt2", ("gpt2",), "transformers:GPT2Model", "transformers:GPT2Config",
            "keras_hub.models:GPT2Backbone", _CONVERT + "gpt2"),
     Family("llama", ("llama",), "transformers:LlamaForCausalLM", "transformers:LlamaConfig",

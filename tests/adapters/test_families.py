@@ -92,3 +92,37 @@ def test_family_agrees_across_frameworks(name, tmp_path) -> None:
     if fam.name != "vit":  # padded positions are undefined on both sides
         want, got = want[mask.astype(bool)], got[mask.astype(bool)]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_fused_qkv_is_one_hub_tensor_split_into_three_kernels(tmp_path) -> None:
+    torch.manual_seed(1)
+    cfg = _config("gpt2")
+    fam = family_for_config(cfg)
+    tm = hf_families.build(resolve_architecture(fam.torch), cfg)
+    kb = hf_families.build(resolve_architecture(fam.keras), cfg)
+    spec = hf_families.keras_spec(kb, fam)
+    fused = spec["h.0.attn.c_attn.weight"]
+    assert isinstance(fused.handle, hf_families.PortGroup) and fused.shape == (16, 48)  # Conv1D [in, 3*out]
+    assert len(fused.handle.ports) == 3
+    want = tm.state_dict()["h.0.attn.c_attn.weight"].numpy()
+    fused.handle.assign(want)
+    np.testing.assert_array_equal(fused.handle.numpy(), want)  # the three kernels hold exactly its parts
+    q = np.asarray(fused.handle.ports[0][0].numpy()).reshape(16, 16)
+    np.testing.assert_array_equal(q, want[:, :16])
+    with pytest.raises(ValueError, match="expected shape"):
+        fused.handle.assign(want[:, :16])
+
+
+def test_a_variable_no_hub_name_reaches_is_an_error(monkeypatch) -> None:
+    cfg = _config("bert")
+    fam = family_for_config(cfg)
+    kb = hf_families.build(resolve_architecture(fam.keras), cfg)
+    real = hf_families._Recorder.port_weight
+
+    def skip_pooler(self, keras_variable, hf_weight_key, hook_fn=None):
+        if not hf_weight_key.startswith("pooler."):
+            real(self, keras_variable, hf_weight_key, hook_fn)
+
+    monkeypatch.setattr(hf_families._Recorder, "port_weight", skip_pooler)
+    with pytest.raises(HubloadError, match="pooled_dense"):
+        hf_families.keras_spec(kb, fam)
