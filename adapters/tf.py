@@ -398,7 +398,7 @@ def build(architecture: str, config: dict[str, Any] | None = None) -> Any:
     """Instantiate a Keras model from ``"package.module:callable"`` and keyword ``config``.
 
     Args:
-        architecture: Import path of a class or factory, e.g. ``"hubload.adapters.zoo_keras:mlp"``.
+        architecture: Import path of a class or factory, e.g. ``"hubload.zoo.keras_models:mlp"``.
         config: Keyword arguments for it.
 
     Returns:

@@ -484,7 +484,7 @@ def build(architecture: str, config: dict[str, Any] | None = None) -> torch.nn.M
     """Instantiate a PyTorch model from ``"package.module:callable"`` and keyword ``config``.
 
     Args:
-        architecture: Import path of a class or factory, e.g. ``"hubload.adapters.zoo_torch:mlp"``.
+        architecture: Import path of a class or factory, e.g. ``"hubload.zoo.torch_models:mlp"``.
         config: Keyword arguments for it.
 
     Returns:

@@ -115,7 +115,7 @@ def torch_load_baseline(a: dict[str, Any]) -> dict[str, Any]:
     import safetensors.torch
     import torch  # noqa: F401
 
-    from hubload.adapters import zoo_torch
+    from hubload.zoo import torch_models as zoo_torch
 
     model = zoo_torch.bert(**a["config"])
     t = time.perf_counter()
@@ -131,7 +131,7 @@ def keras_load_baseline(a: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import safetensors.numpy
 
-    from hubload.adapters import zoo_keras
+    from hubload.zoo import keras_models as zoo_keras
     from hubload.adapters._keras_paths import keras_variable_paths
     from hubload.layout import keras_name_to_canonical
 
@@ -208,7 +208,7 @@ def torch_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
 
     import hubload.api  # noqa: F401 - imported before timing, as the baseline imports safetensors.torch
     from hubload.adapters import torch as _adapter  # noqa: F401
-    from hubload.adapters import zoo_torch
+    from hubload.zoo import torch_models as zoo_torch
 
     return _timed_minilm_load(a, zoo_torch.bert)
 
@@ -218,7 +218,7 @@ def keras_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import hubload.api  # noqa: F401
     from hubload.adapters import tf as _adapter  # noqa: F401
-    from hubload.adapters import zoo_keras
+    from hubload.zoo import keras_models as zoo_keras
 
     return _timed_minilm_load(a, zoo_keras.bert)
 

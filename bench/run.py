@@ -384,7 +384,7 @@ def check_command(ctx: Ctx) -> list[Row]:
     reg = ctx.work / "registry-minilm-arch.yaml"
     entry = {"source": f"hf://{rf.repo}", "revision": rf.commit, "format": "safetensors",
              "files": [{"path": rf.path, "sha256": rf.sha256, "size": rf.size}],
-             "architecture": {"torch": "hubload.adapters.zoo_torch:bert"}, "config": MINILM_CONFIG}
+             "architecture": {"torch": "hubload.zoo.torch_models:bert"}, "config": MINILM_CONFIG}
     reg.write_text(json.dumps({"version": 1, "models": {"minilm": entry}}))
     env = {**ctx.env(), "HUBLOAD_CACHE": str(ctx.scratch("check-cache"))}
     before = len(ctx.server.log_lines())

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
 import hubload
-from hubload.adapters import zoo_torch
+from hubload.zoo import torch_models as zoo_torch
 
 ENTRY = "my-digits-mlp"
 PRETRAIN = 1200  # digits[:1200] pretrain in PyTorch; digits[1200:] are the new task's images
@@ -82,7 +82,7 @@ models:
     format: safetensors
     layout: torch
     head: ["dense2.*"]
-    architecture: {{torch: "hubload.adapters.zoo_torch:mlp", tf: "hubload.adapters.zoo_keras:mlp"}}
+    architecture: {{torch: "hubload.zoo.torch_models:mlp", tf: "hubload.zoo.keras_models:mlp"}}
     config: {{in_features: 64, hidden: {hidden}, num_classes: 10}}
     description: MLP trained on digits[:{PRETRAIN}] in PyTorch by examples/cross_framework.py
 """)
@@ -119,7 +119,7 @@ def run_seed(seed: int, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, 
     """Steps 1-4 for one seed; returns the (pretrained start, random start) test accuracies, mean over draws."""
     import keras
 
-    from hubload.adapters import zoo_keras
+    from hubload.zoo import keras_models as zoo_keras
 
     torch_model = pretrain_torch(x[:PRETRAIN], y[:PRETRAIN], args.hidden, args.pretrain_steps, seed)
     with torch.no_grad():

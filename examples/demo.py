@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ banners (oneDNN, cpu_feature_guard)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 os.environ.setdefault("HUBLOAD_OFFLINE", "1")  # prove it: nothing here may touch the network
 
 import numpy as np  # noqa: E402
@@ -25,6 +26,12 @@ def main() -> None:
     paths = hubload.pull("seed-mlp")
     print(f"pulled (sha256 verified): {paths['model.safetensors']}")
 
+    try:  # absl's Python logging (TF's "absl::InitializeLog" preamble) stays quiet too
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
     keras_model, report = hubload.load("seed-mlp", framework="tf", return_report=True)
     print(f"\nhubload.load('seed-mlp', framework='tf') -> {type(keras_model).__name__}")
     print(report.render())

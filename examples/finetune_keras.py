@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import hubload  # noqa: E402
-from hubload.adapters.zoo_keras import mlp  # noqa: E402
+from hubload.zoo.keras_models import mlp  # noqa: E402
 
 
 def held_out_digits(train_size: int, seed: int) -> tuple[np.ndarray, ...]:

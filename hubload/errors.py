@@ -3,8 +3,10 @@
     HubloadError
     ├── RegistryError (ValueError)            bad registry file or entry
     ├── ModelNotFoundError (LookupError)      unknown model ID / missing file in a repo
+    │   └── NoWeightsError                    a Hub repo holds no weight file hubload can load
     ├── DownloadError (OSError)               a transfer failed
     │   ├── HashMismatchError                 bytes did not match the expected sha256
+    │   ├── AccessDeniedError                 a gated or private repo, and no (valid) token
     │   └── OfflineError                      a miss while offline (or the server is unreachable)
     ├── CacheError (OSError)                  the cache dir is unusable (read-only, full, corrupt)
     ├── CheckpointError (ValueError)          a checkpoint file is malformed or unreadable
@@ -21,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AccessDeniedError",
     "CacheError",
     "CheckpointError",
     "DownloadError",
@@ -29,6 +32,7 @@ __all__ = [
     "IncompatibleWeightsError",
     "MissingDependencyError",
     "ModelNotFoundError",
+    "NoWeightsError",
     "OfflineError",
     "RegistryError",
     "UnsafeArchiveError",
@@ -90,6 +94,10 @@ class ModelNotFoundError(_MessageOnlyError, LookupError):
         super().__init__(message)
 
 
+class NoWeightsError(ModelNotFoundError):
+    """A Hub repository exists but holds no weight file hubload can pin and load."""
+
+
 class DownloadError(_MessageOnlyError, OSError):
     """A transfer failed (network, HTTP status, or the server misbehaved)."""
 
@@ -116,6 +124,10 @@ class HashMismatchError(DownloadError):
         self.actual = actual
         self.path = path
         super().__init__(message, url=url, model_id=model_id)
+
+
+class AccessDeniedError(DownloadError):
+    """A gated or private repository refused the request: no token, or one without access (never shown)."""
 
 
 class OfflineError(DownloadError):

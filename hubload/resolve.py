@@ -24,12 +24,15 @@ from .safetensors_io import layout_from_metadata
 from .sources import resolve_file, resolve_hf_revision
 
 __all__ = ["Artifact", "RemoteHeader", "canonical_tensors", "fetch_artifact", "open_artifact", "reader_format",
-           "remote_safetensors_header", "resolve_source", "with_key"]
+           "remote_safetensors_header", "resolve_source", "weight_files", "with_key"]
 
 log = logging.getLogger("hubload")
 
 _HF_URL = re.compile(r"^hf://(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w.-]*?)(?:@(?P<rev>[\w./-]+?))?"
                      r"/(?P<file>.+)$")
+_HF_REPO_URL = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*?)(?:@(?P<rev>[\w.-]+))?/?$")
+# Files of an entry that are not checkpoint data (config.json, tokenizer files): pinned, never opened by a reader.
+_AUX_SUFFIXES = (".json", ".txt", ".md", ".model", ".tiktoken", ".py", ".jinja")
 # How much of a remote safetensors file to ask for first: most headers fit, so one request usually does.
 _HEADER_GUESS = 64 * 1024
 # Whole saved models (loaded without a model, no checkpoint reader).
@@ -108,15 +111,65 @@ def _from_entry(entry: ModelEntry) -> Artifact:
                     rename=tuple(entry.rename), ignore=tuple(entry.ignore), head=tuple(entry.head), key=entry.key)
 
 
+def weight_files(entry: ModelEntry) -> tuple[FileSpec, ...]:
+    """The entry's checkpoint files (its config.json and tokenizer files left out)."""
+    return tuple(f for f in entry.files if f.path.endswith(".index.json") or not f.path.endswith(_AUX_SUFFIXES))
+
+
+def _resolution_path(cache: Cache, repo: str, rev: str) -> Path:
+    """Where the cache records what a bare ``hf://repo@rev`` resolved to (per endpoint)."""
+    import hashlib
+
+    key = hashlib.sha256(f"{config.hf_endpoint()}\n{repo}\n{rev}".encode()).hexdigest()[:32]
+    return cache.root / "resolutions" / f"{key}.json"
+
+
+def _hub_repo_entry(source: str, repo: str, rev: str | None, *, cache: Cache | None, offline: bool | None,
+                    token: str | bool | None) -> ModelEntry:
+    """An in-memory pinned entry for a bare ``hf://org/name[@rev]``, its resolution recorded in the cache.
+
+    A revision that is a commit is resolved once: later loads read the record and make no request. A branch
+    or tag is re-resolved online (it may move); offline, the last record is used.
+    """
+    from .hub_repo import RepoResolution, resolve_repo
+    from .registry import _HEX40
+
+    cache = cache or Cache()
+    want = rev or "main"
+    record = _resolution_path(cache, repo, want)
+    res = None
+    if _HEX40.match(want) or config.is_offline(offline):
+        try:
+            res = RepoResolution.from_json(json.loads(record.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            res = None
+    if res is None:
+        res = resolve_repo(repo, want, token=token, offline=offline, cache=cache)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(res.to_json(), indent=1))
+        os.replace(tmp, record)
+    level = logging.INFO if _HEX40.match(want) else logging.WARNING
+    log.log(level, "%s has no registry entry: resolved in memory to commit %s (%s); run `hubload add %s` for a "
+            "reproducible, reviewed pin", source, res.commit, res.weights.reason, f"hf://{repo}@{res.commit}")
+    files = tuple(FileSpec(path=f["path"], sha256=f.get("sha256"), size=f.get("size")) for f in res.files)
+    return ModelEntry(id=_adhoc_id(f"hf://{repo}@{res.commit}"), source=f"hf://{repo}", files=files,
+                      format=res.format, layout=res.layout, revision=res.commit, architecture=res.architecture,
+                      config=res.config, homepage=f"{res.endpoint}/{repo}")
+
+
 def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = None,
-                   sha256: str | None = None) -> Artifact:
+                   sha256: str | None = None, cache: Cache | None = None, offline: bool | None = None,
+                   token: str | bool | None = None) -> Artifact:
     """Decide what ``source`` names.
 
     Args:
         source: A registry ID, ``hf://org/name[@revision]/file``, an ``https://``/``http://`` URL, a
-            ``file://`` URL or a local path (file, sharded folder, TF checkpoint prefix or folder).
+            ``file://`` URL or a local path (file, sharded folder, TF checkpoint prefix or folder), or a whole
+            Hub repo ``hf://org/name[@revision]`` (resolved like ``hubload add``, in memory).
         registry: Extra registry layer(s) for IDs.
         sha256: Expected digest for a bare URL (registry entries carry their own).
+        cache, offline, token: For a whole Hub repo: where its resolution is recorded, offline mode, token.
 
     Returns:
         An Artifact; remote ones still need :func:`fetch_artifact`.
@@ -129,6 +182,9 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
         return Artifact(label=str(source), path=Path(source))
     if not isinstance(source, str) or not source:
         raise ModelNotFoundError(f"source must be a registry ID, URL or path, got {source!r}")
+    if source.startswith("hf://") and (whole := _HF_REPO_URL.match(source)):
+        entry = _hub_repo_entry(source, whole["repo"], whole["rev"], cache=cache, offline=offline, token=token)
+        return replace(_from_entry(entry), label=source)
     if source.startswith("hf://"):
         m = _HF_URL.match(source)
         if not m:
@@ -185,6 +241,9 @@ def _exists_locally(path: Path) -> bool:
 
 def _local_checkpoint(entry: ModelEntry, files: dict[str, Path]) -> Path:
     """The path a reader should open for an entry's local files."""
+    weights = {f.path for f in weight_files(entry)}
+    if weights and len(weights) < len(files):  # config.json etc. are pinned beside the weights, never read
+        files = {name: p for name, p in files.items() if name in weights}
     if len(files) == 1:
         return next(iter(files.values()))
     index = [p for name, p in files.items() if name.endswith(".index.json")]
@@ -279,9 +338,9 @@ def remote_safetensors_header(art: Artifact, *, cache: Cache | None = None, offl
         safetensors, several files, offline).
     """
     entry = art.entry
-    if entry is None or entry.scheme == "file" or entry.format != "safetensors" or len(entry.files) != 1:
+    if entry is None or entry.scheme == "file" or entry.format != "safetensors" or len(weight_files(entry)) != 1:
         return None
-    spec = entry.files[0]
+    spec = weight_files(entry)[0]
     if not spec.path.endswith(".safetensors") or config.is_offline(offline):
         return None
     from .fetch import cached_files

@@ -20,7 +20,7 @@ from .registry import _HEX40, _HEX64, FileSpec, ModelEntry
 if TYPE_CHECKING:
     from huggingface_hub import HfFileMetadata
 
-__all__ = ["ResolvedFile", "hf_file_url", "resolve_file", "resolve_hf_revision"]
+__all__ = ["ResolvedFile", "hf_file_url", "hf_request_headers", "resolve_file", "resolve_hf_revision"]
 
 log = logging.getLogger("hubload")
 
@@ -68,6 +68,11 @@ def _hf_headers(token: str | None) -> tuple[dict[str, str], str | None]:
     if token:
         headers["authorization"] = f"Bearer {token}"
     return headers, host
+
+
+def hf_request_headers(token: str | None) -> tuple[dict[str, str], str | None]:
+    """Headers for Hub requests and the only host allowed to receive the token in them."""
+    return _hf_headers(token)
 
 
 def _map_hf_error(exc: BaseException, entry: ModelEntry, path: str | None, url: str) -> Exception:

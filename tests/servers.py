@@ -559,6 +559,10 @@ class _BaseServer:
         """Answer one request; subclasses implement it."""
         raise NotImplementedError
 
+    def _accepts(self, method: str, path: str) -> bool:
+        """Whether a method other than GET/HEAD has a route here (the Hub's POST paths-info)."""
+        return False
+
     def _other_host_url(self, h: _Handler) -> str:
         """Base URL of the listener this request did not come to."""
         host = h.headers.get("Host", "")
@@ -590,7 +594,7 @@ class _BaseServer:
                 response = _error_response(
                     429, f"injected rate limit for {path}", **{"Retry-After": str(fault.retry_after)}
                 )
-            elif h.command not in ("GET", "HEAD"):
+            elif h.command not in ("GET", "HEAD") and not self._accepts(h.command, path):
                 h.close_connection = True  # the request body is not read, so the connection cannot be reused
                 response = _error_response(405, f"{h.command} is not supported by this test server")
             else:
@@ -805,8 +809,9 @@ class _Repo:
 class HubServer(_BaseServer):
     """A Hugging Face Hub look-alike for ``HF_ENDPOINT`` / ``endpoint=`` (model repos only).
 
-    Endpoints: HEAD/GET ``/{repo}/resolve/{rev}/{path}``, GET ``/api/models/{repo}[/revision/{rev}]``,
-    GET ``/api/models/{repo}/tree/{rev}[/{path}]``, and the CDN path ``/cdn-lfs/{sha256}`` used by
+    Endpoints: HEAD/GET ``/{repo}/resolve/{rev}/{path}``, GET ``/api/models/{repo}[/revision/{rev}]``
+    (``siblings[].lfs.sha256`` with ``?blobs=true``), GET ``/api/models/{repo}/tree/{rev}[/{path}]``
+    (``tree[].lfs.oid``), POST ``/api/models/{repo}/paths-info/{rev}``, and the CDN path ``/cdn-lfs/{sha256}`` used by
     redirects. Errors carry the Hub's ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound,
     GatedRepo) so huggingface_hub raises its typed errors.
 
@@ -970,6 +975,10 @@ class HubServer(_BaseServer):
             return _Response(302, {**headers, "Location": location})
         return _Response(200, headers, entry.blob, ranged=True)
 
+    def _accepts(self, method: str, path: str) -> bool:
+        """POST /api/models/{repo}/paths-info/{rev} is the one non-GET route."""
+        return method == "POST" and path.startswith("/api/models/") and "/paths-info/" in path
+
     def _cdn(self, sha: str) -> _Response:
         """Serve an LFS blob by sha256 with no auth and no Hub headers, like a signed CDN URL."""
         with self._lock:
@@ -982,28 +991,64 @@ class HubServer(_BaseServer):
         return _Response(200, headers, blob, ranged=True)
 
     def _api(self, h: _Handler, segments: list[str]) -> _Response:
-        """GET /api/models/{repo}[/revision/{rev} | /tree/{rev}[/{path}]]."""
+        """GET /api/models/{repo}[/revision/{rev} | /tree/{rev}[/{path}]], POST .../paths-info/{rev}.
+
+        Like the Hub, a gated repo's metadata is public (only its files need the token); a private repo
+        is hidden from anyone without its token. Every answer names the commit in ``X-Repo-Commit``.
+        """
         repo, repo_id, rest = self._find_repo(segments)
         if repo is None:
             return _error_response(404, f"Repository {repo_id} not found", "RepoNotFound")
-        if (denied := self._check_access(h, repo)) is not None:
+        if repo.private and (denied := self._check_access(h, repo)) is not None:
             return denied
         if not rest:
             kind, revision = "revision", "main"
-        elif len(rest) >= 2 and rest[0] in ("revision", "tree"):
+        elif len(rest) >= 2 and rest[0] in ("revision", "tree", "paths-info"):
             kind, revision = rest[0], unquote(rest[1])
         else:
             return _error_response(404, f"no API route /api/models/{'/'.join(segments)}")
+        if (kind == "paths-info") != (h.command == "POST"):
+            return _error_response(405, f"{h.command} is not supported on /api/models/.../{kind}")
         commit = self._resolve_commit(repo, revision)
         if commit is None:
             return _error_response(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         with self._lock:
             files = sorted(repo.commits[commit].values(), key=lambda f: f.path)
         if kind == "revision":
-            return _json_response(200, self._model_info(repo, commit, files))
+            return _json_response(200, self._model_info(repo, commit, files), {"X-Repo-Commit": commit})
+        if kind == "paths-info":
+            return self._paths_info(h, commit, files)
         prefix = "/".join(unquote(s) for s in rest[2:]).strip("/")
         recursive = "recursive=true" in h.path.lower() or "recursive=1" in h.path
         return self._tree(repo_id, commit, files, prefix, recursive)
+
+    def _paths_info(self, h: _Handler, commit: str, files: list[_HubFile]) -> _Response:
+        """JSON of POST /api/models/{repo}/paths-info/{rev}: the named paths that exist (form or JSON body)."""
+        from urllib.parse import parse_qs
+
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length).decode() if length else ""
+        if (h.headers.get("Content-Type") or "").startswith("application/json"):
+            paths = list(json.loads(body or "{}").get("paths") or [])
+        else:
+            paths = parse_qs(body).get("paths", [])
+        by_path = {f.path: f for f in files}
+        out: list[dict[str, Any]] = []
+        for p in paths:
+            p = p.strip("/")
+            if p in by_path:
+                out.append(self._tree_file(by_path[p]))
+            elif any(f.path.startswith(p + "/") for f in files):
+                out.append({"type": "directory", "oid": hashlib.sha1(f"{commit}:{p}".encode()).hexdigest(),
+                            "path": p})
+        return _json_response(200, out, {"X-Repo-Commit": commit})
+
+    def _tree_file(self, entry: _HubFile) -> dict[str, Any]:
+        """One file of the tree / paths-info APIs (``lfs.oid`` is the sha256 of an LFS file)."""
+        item: dict[str, Any] = {"type": "file", "oid": entry.oid, "size": entry.blob.size, "path": entry.path}
+        if (lfs := self._lfs_info(entry, "oid")) is not None:
+            item["lfs"] = lfs
+        return item
 
     @staticmethod
     def _lfs_info(entry: _HubFile, sha_key: str) -> dict[str, Any] | None:
@@ -1053,13 +1098,8 @@ class HubServer(_BaseServer):
                     oid = hashlib.sha1(f"{repo_id}@{commit}:{folder}".encode()).hexdigest()
                     entries.append({"type": "directory", "oid": oid, "path": folder})
             if recursive or len(parts) == 1:
-                item: dict[str, Any] = {
-                    "type": "file", "oid": entry.oid, "size": entry.blob.size, "path": entry.path
-                }
-                if (lfs := self._lfs_info(entry, "oid")) is not None:
-                    item["lfs"] = lfs
-                entries.append(item)
-        return _json_response(200, entries)
+                entries.append(self._tree_file(entry))
+        return _json_response(200, entries, {"X-Repo-Commit": commit})
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -52,7 +52,7 @@ models:
 {rows}
     format: safetensors
     layout: torch
-    architecture: {{torch: "hubload.adapters.zoo_torch:mlp"}}
+    architecture: {{torch: "hubload.zoo.torch_models:mlp"}}
     config: {{in_features: 64, hidden: 64, num_classes: 10}}
 """)
     return path
@@ -136,7 +136,7 @@ def test_torchrun_four_ranks_one_transfer_identical_weights(seed_hub, tmp_path):
 
 def _module_from(state: dict, torch) -> object:
     """The zoo MLP with ``state`` loaded by torch itself."""
-    from hubload.adapters.zoo_torch import mlp
+    from hubload.zoo.torch_models import mlp
 
     model = mlp(in_features=64, hidden=64, num_classes=10)
     model.load_state_dict(state)

@@ -56,9 +56,9 @@ def cli() -> None:
 
 def _register() -> None:
     """Attach the command modules (imported here so `hubload --help` stays quick)."""
-    from . import cache_cmds, load_cmds, pull_cmds, registry_cmds
+    from . import add_cmds, cache_cmds, load_cmds, lock_cmds, pull_cmds, registry_cmds
 
-    for mod in (pull_cmds, registry_cmds, cache_cmds, load_cmds):
+    for mod in (pull_cmds, registry_cmds, cache_cmds, load_cmds, add_cmds, lock_cmds):
         mod.register(cli)
 
 

@@ -6,6 +6,7 @@ import click
 
 from ..cache import Cache
 from ..fetch import pull_entry
+from ..errors import RegistryError
 from ..registry import load_registry
 from ._common import echo_json, human_size, registry_option
 
@@ -17,10 +18,21 @@ from ._common import echo_json, human_size, registry_option
 @click.option("--offline", is_flag=True, default=None, help="Use the cache only (like HUBLOAD_OFFLINE=1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None, help="Concurrent connections (default 8).")
+@click.option("--frozen", is_flag=True,
+              help="Refuse entries not pinned to a commit + sha256 + size (run `hubload lock` first).")
 def pull_cmd(model_ids: tuple[str, ...], registry: tuple[str, ...], as_json: bool, offline: bool | None,
-             no_progress: bool, parallel: int | None) -> None:
+             no_progress: bool, parallel: int | None, frozen: bool) -> None:
     """Download and verify the weight files of each MODEL_ID into the cache."""
     reg = load_registry(list(registry) or None)
+    if frozen:
+        from .lock_cmds import unpinned_reasons
+
+        loose = {mid: unpinned_reasons(reg.get(mid)) for mid in model_ids}
+        loose = {mid: why for mid, why in loose.items() if why}
+        if loose:
+            detail = "; ".join(f"{mid} ({', '.join(why)})" for mid, why in loose.items())
+            raise RegistryError(f"--frozen: not pinned: {detail}; run `hubload lock` on the registry file, "
+                                "review the diff, then pull again")
     cache = Cache()
     report = []
     for mid in model_ids:

@@ -6,7 +6,7 @@ import click
 
 from ..cache import Cache
 from ..fetch import cached_files
-from ..registry import load_registry
+from ..registry import ModelEntry, load_registry
 from ._common import echo_json, human_size, registry_option
 
 
@@ -27,6 +27,26 @@ def list_cmd(registry: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"{r['id']:<28} {r['format']:<13} {fws:<9} {human_size(r['size']):>10}  {r['description']}")
 
 
+def pinning_text(entry: ModelEntry) -> str:
+    """What the entry is actually pinned by, for its source kind (an https:// URL has no commit)."""
+    sizes = "" if all(f.size is not None for f in entry.files) else "; some files have no size"
+    if entry.weakly_pinned:
+        weak = "WEAKLY PINNED: " + ", ".join(
+            f"{f.path} is checked only by {'its sha256 prefix ' + f.sha256_prefix if f.sha256_prefix else 'the Hub LFS sha256 at download'}"
+            for f in entry.files if f.sha256 is None)
+        if entry.scheme == "hf" and not entry.pinned and not (entry.revision and len(entry.revision) == 40):
+            weak += f"; revision {entry.revision or 'main'!r} may move (run `hubload lock`)"
+        return weak + sizes
+    if entry.scheme == "hf":
+        if entry.pinned:
+            return f"pinned: Hub commit {entry.revision[:12]} + sha256 of every file" + sizes
+        return (f"NOT PINNED to a commit: revision {entry.revision or 'main'!r} may move; each file has a sha256 "
+                "(run `hubload lock`)" + sizes)
+    if entry.scheme in ("http", "https"):
+        return f"pinned by sha256 of every file (a URL has no commit: the bytes are fixed, not the URL){sizes}"
+    return f"pinned by sha256 of every file (local files){sizes}"
+
+
 @click.command("info")
 @click.argument("model_id")
 @registry_option
@@ -35,9 +55,7 @@ def info_cmd(model_id: str, registry: tuple[str, ...], as_json: bool) -> None:
     """Show one registry entry: source, pinning, files, architectures, cache state."""
     entry = load_registry(list(registry) or None).get(model_id)
     cached = cached_files(entry, cache=Cache(), allow_unpinned=True)
-    pin = "pinned (commit + sha256)" if entry.pinned else (
-        "WEAKLY PINNED: some files are checked only by a sha256 prefix or the Hub's hash" if entry.weakly_pinned
-        else "not pinned to a commit: the revision may move")
+    pin = pinning_text(entry)
     data = {
         "id": entry.id, "source": entry.source, "revision": entry.revision, "format": entry.format,
         "layout": entry.layout, "pinning": pin, "pinned": entry.pinned, "weakly_pinned": entry.weakly_pinned,

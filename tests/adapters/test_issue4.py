@@ -25,7 +25,7 @@ yaml = pytest.importorskip("yaml")
 from click.testing import CliRunner  # noqa: E402
 
 import hubload  # noqa: E402
-from hubload.adapters import zoo_keras, zoo_torch  # noqa: E402
+from hubload.zoo import keras_models as zoo_keras, torch_models as zoo_torch  # noqa: E402
 from hubload.cache import Cache  # noqa: E402
 from hubload.cli import cli  # noqa: E402
 from hubload.errors import IncompatibleWeightsError  # noqa: E402
@@ -152,10 +152,13 @@ def test_minilm_load_prechecks_then_downloads_once(minilm_loaded):
 def test_minilm_torch_and_tf_embeddings_agree_and_match_transformers(minilm_loaded, minilm_dir, padded_batch):
     ids, mask = padded_batch
     pt, k = minilm_loaded["torch"], minilm_loaded["tf"]
-    assert isinstance(pt, torch.nn.Module) and isinstance(k, keras.Model)
+    # The registry builds transformers' BertModel and keras-hub's BertBackbone (hubload.families).
+    assert isinstance(pt, transformers.BertModel) and type(k).__name__ == "BertBackbone"
     with torch.no_grad():
-        hidden_pt = pt(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).numpy()
-    hidden_tf = keras.ops.convert_to_numpy(k(ids, attention_mask=mask))
+        hidden_pt = pt(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    out = k({"token_ids": ids.astype("int32"), "segment_ids": np.zeros_like(ids, dtype="int32"),
+             "padding_mask": mask.astype(bool)})
+    hidden_tf = keras.ops.convert_to_numpy(out["sequence_output"])
     emb_pt, emb_tf = _mean_pool(hidden_pt, mask), _mean_pool(hidden_tf, mask)
     np.testing.assert_allclose(emb_tf, emb_pt, rtol=0, atol=1e-4)
 
@@ -252,7 +255,7 @@ def _bert_base_style(state: dict) -> dict:
 
 def test_bert_base_uncased_style_checkpoint_loads_strictly_into_both_twins(hub_server, monkeypatch, tmp_path):
     torch.manual_seed(0)
-    src = zoo_torch.bert(**TINY_BERT).eval()
+    src = transformers.BertModel(transformers.BertConfig(**TINY_BERT)).eval()
     state = _bert_base_style(src.state_dict())
     assert any(k.endswith(".gamma") for k in state) and not any(k.startswith("embeddings.") for k in state)
     path = tmp_path / "model.safetensors"
@@ -272,7 +275,7 @@ def test_bert_base_uncased_style_checkpoint_loads_strictly_into_both_twins(hub_s
     mask = np.ones_like(ids)
     mask[1, 4:] = 0
     with torch.no_grad():
-        ref = src(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).numpy()
+        ref = src(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
 
     pt, report = hubload.load("tiny-bert-base-uncased", framework="torch", registry=reg, strict=True,
                               return_report=True)
@@ -284,11 +287,14 @@ def test_bert_base_uncased_style_checkpoint_loads_strictly_into_both_twins(hub_s
     assert "bert.embeddings.position_ids" in ignored
     assert any("bert." in c for c in report.prefix_changes)
     with torch.no_grad():
-        got = pt(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).numpy()
+        got = pt(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
     k = hubload.load("tiny-bert-base-uncased", framework="tf", registry=reg, strict=True)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(k(ids, attention_mask=mask)), ref, rtol=0, atol=1e-5)
+    out = k({"token_ids": ids.astype("int32"), "segment_ids": np.zeros_like(ids, dtype="int32"),
+             "padding_mask": mask.astype(bool)})["sequence_output"]
+    keep = mask.astype(bool)  # padded positions are undefined
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out)[keep], ref[keep], rtol=0, atol=1e-5)
     assert hub_server.count("GET", "*/model.safetensors") >= 1
 
 
@@ -347,7 +353,7 @@ def test_resnet18_prefix_mismatch_is_refused(file_server, tmp_path):
     wrong = "0" * 8 if not file_sha256(tmp_path / "w.pth").startswith("0" * 8) else "f" * 8
     reg = write_registry(tmp_path / "p.yaml", {"bad-prefix": {
         "source": url.rsplit("/", 1)[0] + "/", "files": [{"path": "w.pth", "sha256_prefix": wrong}],
-        "architecture": {"torch": "hubload.adapters.zoo_torch:mlp"},
+        "architecture": {"torch": "hubload.zoo.torch_models:mlp"},
         "config": {"in_features": 4, "hidden": 4, "num_classes": 2}}})
     with pytest.raises(hubload.HashMismatchError):
         hubload.load("bad-prefix", framework="torch", registry=reg)

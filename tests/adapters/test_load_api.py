@@ -22,7 +22,7 @@ yaml = pytest.importorskip("yaml")
 from click.testing import CliRunner  # noqa: E402
 
 import hubload  # noqa: E402
-from hubload.adapters import zoo_keras, zoo_torch  # noqa: E402
+from hubload.zoo import keras_models as zoo_keras, torch_models as zoo_torch  # noqa: E402
 from hubload.cli import cli  # noqa: E402
 from hubload.relayout import convert  # noqa: E402
 from hubload.errors import HubloadError, IncompatibleWeightsError, ModelNotFoundError  # noqa: E402
@@ -88,7 +88,7 @@ def write_registry(path, models: dict) -> str:
 def local_entry(folder, file: str, **extra) -> dict:
     """A registry entry for a file in ``folder`` (a file:// source with its computed sha256)."""
     return {"source": f"file://{folder}", "files": [{"path": file, "sha256": file_sha256(folder / file)}],
-            "architecture": {"torch": "hubload.adapters.zoo_torch:mlp", "tf": "hubload.adapters.zoo_keras:mlp"},
+            "architecture": {"torch": "hubload.zoo.torch_models:mlp", "tf": "hubload.zoo.keras_models:mlp"},
             "config": dict(CFG), **extra}
 
 
@@ -245,7 +245,7 @@ def test_num_classes_or_config_with_model_is_an_error(kw):
 
 def test_framework_without_architecture_lists_what_exists(tmp_path, torch_files):
     entry = local_entry(torch_files["safetensors"].parent, "w.safetensors")
-    entry["architecture"] = {"torch": "hubload.adapters.zoo_torch:mlp"}
+    entry["architecture"] = {"torch": "hubload.zoo.torch_models:mlp"}
     reg = write_registry(tmp_path / "r.yaml", {"torch-only": entry})
     with pytest.raises(HubloadError, match=r"no tf architecture \(it has: torch\)"):
         hubload.load("torch-only", framework="tf", registry=reg)

@@ -358,13 +358,13 @@ def test_load_full_saved_model(tmp_path, x):
 
 
 def test_build_from_zoo_returns_built_model():
-    model = tf_adapter.build("hubload.adapters.zoo_keras:mlp", {"in_features": 4, "hidden": 5, "num_classes": 2})
+    model = tf_adapter.build("hubload.zoo.keras_models:mlp", {"in_features": 4, "hidden": 5, "num_classes": 2})
     assert model.built and tf_adapter.spec(model)
 
 
 def test_build_errors():
     with pytest.raises(RegistryError, match="no_such_factory"):
-        tf_adapter.build("hubload.adapters.zoo_keras:no_such_factory", {})
+        tf_adapter.build("hubload.zoo.keras_models:no_such_factory", {})
     with pytest.raises(RegistryError, match="unbuilt"):
         tf_adapter.build("keras.layers:Dense", {"units": 3})
     with pytest.raises(RegistryError, match="not a Keras model"):

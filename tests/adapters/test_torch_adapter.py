@@ -435,17 +435,17 @@ def test_meta_model_with_missing_tensor_warns(tmp_path, caplog):
 
 
 def test_build_from_zoo():
-    model = torch_adapter.build("hubload.adapters.zoo_torch:mlp", {"in_features": 4, "hidden": 5, "num_classes": 2})
+    model = torch_adapter.build("hubload.zoo.torch_models:mlp", {"in_features": 4, "hidden": 5, "num_classes": 2})
     assert isinstance(model, torch.nn.Module)
     assert torch_adapter.spec(model)  # has parameters
 
 
 @pytest.mark.parametrize(("arch", "config", "pattern"), [
     ("no_such_module_xyz:thing", {}, "no_such_module_xyz"),
-    ("hubload.adapters.zoo_torch:no_such_factory", {}, "no_such_factory"),
-    ("hubload.adapters.zoo_torch", {}, "package.module:callable"),
-    ("hubload.adapters.zoo_torch:mlp", {"bogus": 1}, "bogus"),
-    ("hubload.adapters.zoo_torch:__name__", {}, "not a callable"),
+    ("hubload.zoo.torch_models:no_such_factory", {}, "no_such_factory"),
+    ("hubload.zoo.torch_models", {}, "package.module:callable"),
+    ("hubload.zoo.torch_models:mlp", {"bogus": 1}, "bogus"),
+    ("hubload.zoo.torch_models:__name__", {}, "not a callable"),
     ("collections:OrderedDict", {}, "not a torch.nn.Module"),
 ])
 def test_build_errors_name_the_architecture(arch, config, pattern):

@@ -115,9 +115,9 @@ def test_freeze_globs(fw):
 
 def _seed_model(fw, in_features=64, num_classes=10):
     if fw == "torch":
-        from hubload.adapters.zoo_torch import mlp
+        from hubload.zoo.torch_models import mlp
     else:
-        from hubload.adapters.zoo_keras import mlp
+        from hubload.zoo.keras_models import mlp
     return mlp(in_features=in_features, hidden=64, num_classes=num_classes)
 
 
@@ -153,7 +153,7 @@ def test_strict_false_loads_what_matches(seed_ckpt):
     pytest.importorskip("torch")
     import torch
 
-    from hubload.adapters.zoo_torch import MLP
+    from hubload.zoo.torch_models import MLP
 
     class Wider(MLP):
         def __init__(self):
@@ -174,7 +174,7 @@ def test_resnet_with_one_input_channel(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from hubload.adapters.zoo_torch import resnet18
+    from hubload.zoo.torch_models import resnet18
 
     torch.manual_seed(0)
     path = tmp_path / "resnet18.safetensors"
@@ -199,9 +199,9 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attent
 
 def test_longer_position_table_is_a_clear_report(fw, minilm_file):
     if fw == "torch":
-        from hubload.adapters.zoo_torch import bert
+        from hubload.zoo.torch_models import bert
     else:
-        from hubload.adapters.zoo_keras import bert
+        from hubload.zoo.keras_models import bert
     model = bert(**MINILM, max_position_embeddings=1024)
     report = hubload.check(minilm_file, model=model)
     assert [(m.key, m.checkpoint_shape, m.model_shape) for m in report.shape_mismatches] == \
@@ -222,7 +222,7 @@ def tiny_bert_file(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from hubload.adapters.zoo_torch import bert
+    from hubload.zoo.torch_models import bert
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bert") / "tiny-bert.safetensors"
@@ -234,7 +234,7 @@ def _torch_classifier(num_classes):
     """The documented pattern: encoder as ``bert``, mean pooling, a Dense head as ``classifier``."""
     import torch
 
-    from hubload.adapters.zoo_torch import bert, mean_pool
+    from hubload.zoo.torch_models import bert, mean_pool
 
     class SentenceClassifier(torch.nn.Module):
         def __init__(self):
@@ -251,7 +251,7 @@ def _torch_classifier(num_classes):
 def _keras_classifier(num_classes):
     import keras
 
-    from hubload.adapters.zoo_keras import bert, mean_pool
+    from hubload.zoo.keras_models import bert, mean_pool
 
     class SentenceClassifier(keras.Model):
         def __init__(self):

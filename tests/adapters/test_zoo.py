@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
 
-from hubload.adapters import zoo_keras, zoo_torch  # noqa: E402
+from hubload.zoo import keras_models as zoo_keras, torch_models as zoo_torch  # noqa: E402
 from hubload.adapters._keras_paths import keras_variable_paths  # noqa: E402
 from hubload.errors import RegistryError  # noqa: E402
 

@@ -2,10 +2,10 @@
 
 Each model's ``state_dict()`` keys are the names its published checkpoints use (Hugging Face
 ``BertModel``, torchvision ``resnet18``/``resnet50``), so weights load with no per-model conversion.
-The Keras twins in :mod:`hubload.adapters.zoo_keras` use attribute paths that map to the same names
+The Keras twins in :mod:`hubload.zoo.keras_models` use attribute paths that map to the same names
 through hubload's Keras<->canonical rule table.
 
-The registry refers to the factories as ``"hubload.adapters.zoo_torch:bert"`` etc.; each takes the
+The registry refers to the factories as ``"hubload.zoo.torch_models:bert"`` etc.; each takes the
 architecture config as keywords and returns a built model in eval mode (what loading weights for
 inference wants; call ``.train()`` to fine-tune).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hubload.adapters._zoo_config import check_bert_config
+from hubload.zoo._config import check_bert_config
 
 __all__ = [
     "BasicBlock",

@@ -4,7 +4,7 @@ The models are subclassed, and their attribute paths are chosen so that
 :func:`hubload.adapters._keras_paths.keras_variable_paths` plus the Keras->canonical rule table
 (``/``->``.``, ``kernel``->``weight`` transposed, ``gamma``/``beta``->``weight``/``bias``,
 ``moving_mean``/``moving_variance``->``running_mean``/``running_var``, ``embeddings``->``weight``) give
-exactly the PyTorch twins' ``state_dict`` keys in :mod:`hubload.adapters.zoo_torch`, which are the
+exactly the PyTorch twins' ``state_dict`` keys in :mod:`hubload.zoo.torch_models`, which are the
 published checkpoints' names. E.g. ``encoder/layer/0/attention/self/query/kernel`` is
 ``encoder.layer.0.attention.self.query.weight``.
 
@@ -22,7 +22,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from hubload.adapters._zoo_config import check_bert_config
+from hubload.zoo._config import check_bert_config
 
 __all__ = [
     "BasicBlock",

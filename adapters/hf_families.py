@@ -1,0 +1,342 @@
+"""Families of Hub models on both frameworks: transformers classes (torch) and keras-hub backbones (Keras).
+
+``build(cls, config)`` builds a family's library class from a Hub ``config.json`` without any download:
+
+- torch: ``<Family>Config(**config)`` then the transformers class; its ``state_dict`` names are the Hub
+  checkpoint's names, so the torch adapter's generic spec lines them up;
+- Keras: keras-hub's converter module (``keras_hub/src/utils/transformers/convert_<family>.py``) turns the
+  config into the backbone's arguments.
+
+``keras_spec(backbone, family)`` names every variable of a keras-hub backbone by the Hub checkpoint name it
+comes from. It does not depend on Keras' own variable names: it runs the family converter's
+``convert_weights`` against a recording loader, which captures, for each Hub name, the variable(s) and the
+re-layout hook keras-hub itself uses. Each Hub tensor then becomes one :class:`~hubload.adapters.ModelTensor`:
+
+- one variable and a hook that is a transpose/reshape: ``handle`` = the variable, ``transform`` = the
+  equivalent :class:`hubload.layout.Transform` (found by running the hook on an index array);
+- anything else (GPT-2's fused ``c_attn`` [in, 3*out] feeding three EinsumDense kernels): ``handle`` = a
+  :class:`PortGroup`, which assigns each variable its slice with keras-hub's hook, all or nothing.
+
+The Hub tensor's shape is inferred from the hook, too: the candidate shapes (1-D for biases and norm
+scales; 2-D splits of the variables' dimensions for kernels and embeddings, torch ``Linear`` style
+[out, in]) that the hook maps one-to-one onto the variables. A variable that no Hub name reaches, or a
+shape that cannot be inferred uniquely, is an error, never a silent omission.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from hubload.adapters import ModelTensor, resolve_architecture
+from hubload.checkpoint import canonical_dtype
+from hubload.errors import HubloadError, MissingDependencyError, RegistryError
+from hubload.families import FAMILIES, Family, family_for_class
+from hubload.layout import Transform
+
+__all__ = ["PortGroup", "build", "keras_spec"]
+
+logger = logging.getLogger("hubload")
+
+_ONE_D = ("bias", "gamma", "beta", "scale", "moving_mean", "moving_variance")
+Hook = Callable[[Any, list[int]], Any] | None
+
+
+def build(cls: type, config: dict[str, Any]) -> Any:
+    """Build a family's library class (a transformers model or a keras-hub backbone) from a config.json dict.
+
+    Raises:
+        RegistryError: The class is not in the family table or the config does not fit it.
+        MissingDependencyError: transformers / keras-hub is not installed.
+    """
+    hit = family_for_class(cls)
+    if hit is None:
+        raise RegistryError(f"{cls.__module__}.{cls.__name__} is not in hubload's family table "
+                            f"({', '.join(f.name for f in FAMILIES)})", field="architecture")
+    family, side = hit
+    config = dict(config or {})
+    if side == "torch":
+        config_cls = resolve_architecture(family.config_class)
+        try:
+            model = cls(config_cls(**config))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise RegistryError(f"{family.torch} rejected the config ({type(exc).__name__}: {exc})",
+                                field="config") from exc
+        model.eval()
+        return model
+    converter = _converter(family)
+    try:
+        try:
+            kwargs = converter.convert_backbone_config(config)
+        except KeyError:  # a partial config (hand-written registry entry): complete it as transformers would
+            config = _with_defaults(family, config)
+            kwargs = converter.convert_backbone_config(config)
+        model = cls(**kwargs)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise RegistryError(f"{family.keras} cannot be built from this config.json ({type(exc).__name__}: {exc}); "
+                            f"keras-hub's {family.converter} converts it", field="config") from exc
+    _exact_gelu(model, config.get("hidden_act", config.get("activation", family.hidden_act)))
+    model._hubload_hf_config = config  # the converter's weight mapping needs it again (keras_spec)
+    return model
+
+
+def _exact_gelu(backbone: Any, act: Any) -> None:
+    """Use the exact GELU where config.json asks for it: keras-hub's BertBackbone hard-codes the tanh
+    approximation, which moves all-MiniLM-L6-v2's outputs by ~2e-3 from transformers' BertModel."""
+    if act != "gelu":
+        return
+    import keras
+
+    exact = keras.activations.get("gelu")  # approximate=False
+    changed = 0
+    for layer in backbone._flatten_layers(include_self=False, recursive=True):
+        fn = getattr(layer, "activation", None)
+        if callable(fn) and getattr(fn, "__name__", "") == "gelu_approximate":
+            layer.activation = exact
+            changed += 1
+    if changed:
+        logger.info("%s: %d layers switched to the exact GELU (config.json hidden_act: gelu)",
+                    type(backbone).__name__, changed)
+
+
+def _with_defaults(family: Family, config: dict[str, Any]) -> dict[str, Any]:
+    """config.json completed with transformers' defaults (when installed), as transformers itself reads it."""
+    try:
+        config_cls = resolve_architecture(family.config_class)
+    except (RegistryError, MissingDependencyError, ImportError):
+        return config
+    try:
+        return {**config_cls(**config).to_dict(), **config}
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return config
+
+
+def _converter(family: Family) -> Any:
+    """The family's keras-hub converter module."""
+    try:
+        return importlib.import_module(family.converter)
+    except ImportError as exc:
+        raise MissingDependencyError(f"the {family.name} Keras family ({family.converter})", "keras-hub",
+                                     detail=str(exc)) from exc
+
+
+class _Recorder:
+    """A stand-in for keras-hub's ``SafetensorLoader`` that records ``port_weight`` calls, reading nothing."""
+
+    def __init__(self) -> None:
+        self.ports: dict[str, list[tuple[Any, Hook]]] = {}
+
+    def get_tensor(self, hf_weight_key: str) -> Any:
+        # Converters probe optional names (old BERT's LayerNorm.gamma); the current names are recorded, and
+        # registry rename rules map old checkpoints onto them.
+        raise KeyError(hf_weight_key)
+
+    def port_weight(self, keras_variable: Any, hf_weight_key: str, hook_fn: Hook = None) -> None:
+        self.ports.setdefault(hf_weight_key, []).append((keras_variable, hook_fn))
+
+
+def _run(hook: Hook, x: np.ndarray, var: Any) -> np.ndarray:
+    """keras-hub's hook on ``x`` for ``var`` (no hook = as is)."""
+    return np.asarray(x if hook is None else hook(x, [int(d) for d in var.shape]))
+
+
+def _shape(var: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in var.shape)
+
+
+def _leaf(var: Any) -> str:
+    return str(getattr(var, "path", getattr(var, "name", ""))).rsplit("/", 1)[-1].split(":")[0]
+
+
+def _cumprods(shape: tuple[int, ...]) -> set[int]:
+    return set(itertools.accumulate(shape, lambda a, b: a * b))
+
+
+def _owners(backbone: Any) -> dict[int, Any]:
+    """id(variable) -> the layer that owns it (its own variables, not its sublayers')."""
+    out: dict[int, Any] = {}
+    for layer in backbone._flatten_layers(include_self=True, recursive=True):
+        for v in [*getattr(layer, "_trainable_variables", ()), *getattr(layer, "_non_trainable_variables", ())]:
+            out[id(v)] = layer
+    return out
+
+
+def _in_out(var: Any, owner: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The kernel's (input dims, output dims): Dense kernels are [in, out]; EinsumDense says by its equation."""
+    shape = _shape(var)
+    equation = getattr(owner, "equation", None)
+    if isinstance(equation, str) and "->" in equation and "," in equation:
+        inputs, kernel = equation.split("->")[0].split(",")[:2]
+        if len(kernel) == len(shape):
+            ins = tuple(d for d, c in zip(shape, kernel) if c in inputs)
+            outs = tuple(d for d, c in zip(shape, kernel) if c not in inputs)
+            return ins, outs
+    if len(shape) == 2:
+        return shape[:1], shape[1:]
+    return None
+
+
+def _candidates(ports: list[tuple[Any, Hook]], owner: Any) -> list[tuple[int, ...]]:
+    """Plausible Hub shapes for the tensor feeding ``ports``: torch Linear [out, in] first, then [in, out]."""
+    total = sum(math.prod(_shape(v)) for v, _ in ports)
+    first = _shape(ports[0][0])
+    if _leaf(ports[0][0]) in _ONE_D or len(first) <= 1:
+        return [(total,)]
+    out: list[tuple[int, ...]] = []
+    split = _in_out(ports[0][0], owner)
+    if split is not None and math.prod(split[0]) and total % math.prod(split[0]) == 0:
+        n_in = math.prod(split[0])
+        out += [(total // n_in, n_in), (n_in, total // n_in)]  # fused outputs (GPT-2 c_attn) multiply 'out'
+    if len(first) >= 3 and len(ports) == 1:  # conv kernels: a permutation of the variable's axes
+        out += [tuple(first[i] for i in perm) for perm in itertools.permutations(range(len(first)))]
+    if len(first) == 2 and len(ports) == 1:
+        out += [first, first[::-1], (1, *first)]  # (1, n, d): ViT's position table carries a batch axis
+    return list(dict.fromkeys(out))
+
+
+def _maps_onto(cand: tuple[int, ...], ports: list[tuple[Any, Hook]]) -> list[np.ndarray] | None:
+    """Index arrays (one per variable) if the hooks map a ``cand``-shaped tensor one-to-one onto the ports."""
+    probe = np.arange(math.prod(cand), dtype=np.int64).reshape(cand)
+    outs = []
+    for var, hook in ports:
+        try:
+            got = _run(hook, probe, var)
+        except (ValueError, IndexError, TypeError):
+            return None
+        if got.shape != _shape(var):
+            return None
+        outs.append(got)
+    seen = np.concatenate([o.ravel() for o in outs])
+    if seen.dtype.kind not in "iu":  # a hook that casts (to float) still carries the exact indices
+        if seen.dtype.kind != "f" or not np.array_equal(seen, np.round(seen)):
+            return None
+        seen = seen.astype(np.int64)
+        outs = [o.astype(np.int64) for o in outs]
+    if seen.size and (seen.min() < 0 or seen.max() >= probe.size):
+        return None
+    hit = np.zeros(probe.size, dtype=bool)
+    hit[seen] = True
+    if seen.size != probe.size or not hit.all():  # every element lands exactly once
+        return None
+    return outs
+
+
+def _natural(cand: tuple[int, ...], index: np.ndarray) -> bool:
+    """True when the hook splits/merges axes only (no scrambling): torch [out, in] → Keras [in..., out...]."""
+    for perm in itertools.permutations(range(len(cand))):
+        moved = tuple(cand[i] for i in perm)
+        if np.array_equal(np.arange(index.size).reshape(cand).transpose(perm).reshape(index.shape), index):
+            a, b = _cumprods(moved), _cumprods(index.shape)
+            return a <= b or b <= a
+    return False
+
+
+def _transform(cand: tuple[int, ...], index: np.ndarray) -> Transform | None:
+    """The Transform (canonical → Keras) equal to a single port's index mapping, or None."""
+    probe = np.arange(index.size).reshape(cand)
+    for perm in itertools.permutations(range(len(cand))):
+        moved = probe.transpose(perm)
+        if moved.shape == index.shape and np.array_equal(moved, index):
+            return None if perm == tuple(range(len(cand))) else Transform(perm=perm)
+        if moved.size == index.size and np.array_equal(moved.reshape(index.shape), index):
+            return Transform(perm=perm if perm != tuple(range(len(cand))) else None, reshape=index.shape,
+                             in_shape=cand)
+    return None
+
+
+class PortGroup:
+    """One Hub tensor feeding several Keras variables (a fused projection), assigned as one.
+
+    Behaves enough like a variable for the Keras adapter: ``shape`` and ``dtype`` of the Hub tensor,
+    ``assign`` (each variable gets its part through keras-hub's hook), ``numpy`` (the parts put back
+    together), ``trainable``.
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], ports: list[tuple[Any, Hook]],
+                 index: list[np.ndarray]) -> None:
+        self.name = name
+        self.shape = shape
+        self.ports = ports
+        self.index = index
+        self.dtype = ports[0][0].dtype
+        self.path = " + ".join(str(v.path) for v, _ in ports)
+
+    def assign(self, value: Any) -> None:
+        """Split ``value`` (Hub layout) into the variables; every part is computed before the first assign."""
+        arr = np.asarray(value)
+        if arr.shape != self.shape:
+            raise ValueError(f"{self.name}: expected shape {list(self.shape)}, got {list(arr.shape)}")
+        parts = [_run(hook, arr, var) for var, hook in self.ports]
+        for (var, _), part in zip(self.ports, parts):
+            var.assign(part.astype(np.dtype(var.dtype), copy=False))
+
+    def numpy(self) -> np.ndarray:
+        """The Hub tensor the variables hold now."""
+        out = np.empty(math.prod(self.shape), dtype=np.dtype(self.dtype))
+        for (var, _), idx in zip(self.ports, self.index):
+            out[idx.ravel()] = np.asarray(var.numpy()).ravel()
+        return out.reshape(self.shape)
+
+    @property
+    def trainable(self) -> bool:
+        return all(v.trainable for v, _ in self.ports)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for v, _ in self.ports:
+            v.trainable = value
+
+
+def _fallback_config(backbone: Any) -> dict[str, Any]:
+    """The config keys converters read in ``convert_weights``, from a backbone built without a config.json."""
+    hidden = getattr(backbone, "hidden_dim", None)
+    return {"n_embd": hidden, "hidden_size": hidden, "num_attention_heads": getattr(backbone, "num_heads", None),
+            "tie_word_embeddings": getattr(backbone, "tie_word_embeddings", True)}
+
+
+def keras_spec(backbone: Any, family: Family) -> dict[str, ModelTensor]:
+    """Every variable of a keras-hub family backbone, named by the Hub checkpoint tensor it loads from.
+
+    Raises:
+        HubloadError: A variable is reached by no Hub name, or a Hub tensor's shape cannot be inferred.
+    """
+    converter = _converter(family)
+    config = getattr(backbone, "_hubload_hf_config", None) or _fallback_config(backbone)
+    rec = _Recorder()
+    converter.convert_weights(backbone, rec, config)
+    owners = _owners(backbone)
+    out: dict[str, ModelTensor] = {}
+    reached: set[int] = set()
+    for name, ports in rec.ports.items():
+        good = []
+        for cand in _candidates(ports, owners.get(id(ports[0][0]))):
+            index = _maps_onto(cand, ports)
+            if index is not None and (len(ports) > 1 or _natural(cand, index[0])):
+                good.append((cand, index))
+                break  # candidates come in order of preference
+        shapes = {c for c, _ in good}
+        if len(shapes) != 1:
+            raise HubloadError(f"{type(backbone).__name__}: cannot infer the Hub shape of {name!r} from keras-hub's "
+                               f"{family.converter} (candidates {sorted(shapes) or 'none'}); please report it")
+        cand, index = good[0]
+        var = ports[0][0]
+        transform = _transform(cand, index[0]) if len(ports) == 1 else None
+        if len(ports) == 1 and (transform is not None or tuple(cand) == _shape(var)):
+            out[name] = ModelTensor(name, cand, canonical_dtype(var.dtype), str(var.path), transform,
+                                    f"keras-hub {family.name}", var)
+        else:
+            group = PortGroup(name, cand, ports, index)
+            out[name] = ModelTensor(name, cand, canonical_dtype(var.dtype), group.path, None,
+                                    f"keras-hub {family.name} (split)", group)
+        reached.update(id(v) for v, _ in ports)
+    missed = [str(w.path) for w in backbone.weights if id(w) not in reached]
+    if missed:
+        raise HubloadError(f"{type(backbone).__name__}: {len(missed)} variable(s) are loaded from no Hub tensor by "
+                           f"keras-hub's {family.converter}: {', '.join(missed[:5])}; refusing a partial spec")
+    return out
