@@ -26,6 +26,7 @@ from .errors import (
     RegistryError,
     UnsafeArchiveError,
     UnsafeCheckpointError,
+    UsageError,
 )
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __all__ = [
     "RegistryError",
     "UnsafeArchiveError",
     "UnsafeCheckpointError",
+    "UsageError",
     "__version__",
     "check",
     "convert",
