@@ -322,7 +322,15 @@ def infer_inputs(model: nn.Module) -> list[Any] | None:
     if isinstance(m, nn.Linear):
         return [make_input({"shape": [2, m.in_features]})]
     if isinstance(m, nn.modules.conv._ConvNd):
-        return [make_input({"shape": [2, m.in_channels] + [32] * len(m.kernel_size)})]
+        # A torch model does not record its input size: take the first common size it runs on.
+        for size in (32, 8, 16, 28, 64, 224):
+            x = make_input({"shape": [2, m.in_channels] + [size] * len(m.kernel_size)})
+            try:
+                run(model, [x])
+            except Exception:  # noqa: BLE001 - a size the model does not take
+                continue
+            return [x]
+        return None
     if isinstance(m, nn.Embedding):
         return [make_input({"shape": [2, 8], "dtype": "int64", "high": m.num_embeddings})]
     if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):

@@ -327,8 +327,7 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
                              replace=replace, strict=strict)
             review(plan, report, layout or art.layout or reader.layout)
             if report.ok and plan.verify:
-                _apply(plan, adapter, model, report, reader, dtype="model", device=None, model_spec=model_spec,
-                       keep=False)
+                _trial_apply(plan, adapter, model, report, reader, model_spec)
     elif art.layout is not None or layout is not None:
         review(plan, report, layout or art.layout)  # attributes and traps from the header alone
     return report
@@ -403,6 +402,18 @@ def _apply(plan: Any, adapter: Any, model: Any, report: CompatReport, reader: An
     apply_verified(plan, report, lambda: adapter.apply(model, report, reader, **options), keep=keep)
 
 
+def _trial_apply(plan: Any, adapter: Any, model: Any, report: CompatReport, reader: Any,
+                 model_spec: Mapping[str, Any]) -> None:
+    """Copy, verify and restore (for ``check``): the outcome lands in ``report.verification``."""
+    from .errors import IncompatibleWeightsError
+
+    try:
+        _apply(plan, adapter, model, report, reader, dtype="model", device=None, model_spec=model_spec, keep=False)
+    except IncompatibleWeightsError as exc:
+        if exc.report is not report:
+            raise
+
+
 def _load_live(source: Any, src_adapter: Any, *, model: Any, framework: str | None, strict: bool,
                exclude: Iterable[str], rename: Sequence[Any], dtype: Any, device: Any,
                freeze: str | Sequence[str] | None, return_report: bool, reference: Any, example_inputs: Any,
@@ -427,9 +438,12 @@ def _load_live(source: Any, src_adapter: Any, *, model: Any, framework: str | No
     report = compat_check(ckpt, model_spec, exclude=tuple(exclude), strict=strict, source=label,
                           target=type(model).__name__)
     review(plan, report, src_adapter.native_layout)
+    if not keep:  # check(): copy, verify and restore only when a load would be allowed
+        if report.ok and plan.verify:
+            _trial_apply(plan, adapter, model, report, reader, model_spec)
+        return model, report
     report.raise_if_incompatible(strict)
-    _apply(plan, adapter, model, report, reader, dtype=dtype, device=device, model_spec=model_spec, keep=keep)
-    if keep:
-        model = adapter.place(model, device)
-        _freeze(adapter, model, report, freeze, label)
+    _apply(plan, adapter, model, report, reader, dtype=dtype, device=device, model_spec=model_spec)
+    model = adapter.place(model, device)
+    _freeze(adapter, model, report, freeze, label)
     return (model, report) if return_report else model

@@ -98,7 +98,7 @@ class LayerDesc:
         """The activation after this layer, as one readable string (``relu``, ``linear``, ``?``)."""
         parts = [] if self.own_act in ("linear", "identity") else [self.own_act]
         if self.act and "identity" not in self.act:
-            parts.append("|".join(sorted(self.act)))
+            parts.append(next(n for n in _candidates() if n in self.act))
         elif not self.act and self.order is not None:
             parts.append("?")
         return " then ".join(parts) or "linear"
@@ -438,7 +438,7 @@ def compare(reference: Mapping[str, LayerDesc], target: Mapping[str, LayerDesc],
         if t_total is not None and r_total is not None and not (t_total & r_total):
             add("activation", r.activation(), t.activation())
         if t.pools is not None and r.pools is not None and t.pools != r.pools:
-            add("pooling", ", ".join(r.pools) or "none", ", ".join(t.pools) or "none")
+            add("pooling after it", ", ".join(r.pools) or "none", ", ".join(t.pools) or "none")
     return diffs
 
 

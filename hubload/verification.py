@@ -129,13 +129,7 @@ def make_plan(*, adapter: Any, model: Any, spec: Mapping[str, Any], reference: A
         given = list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs]
         plan.inputs = adapter.to_canonical_inputs(model, given)
     elif reference is not None:
-        native = adapter.infer_inputs(model)
-        if native is not None:
-            plan.inputs = adapter.to_canonical_inputs(model, native)
-        else:
-            ref_native = ref_adapter.infer_inputs(reference)
-            if ref_native is not None:
-                plan.inputs = ref_adapter.to_canonical_inputs(reference, ref_native)
+        plan.inputs = _shared_inputs(adapter, model, ref_adapter, reference)
     else:
         native = adapter.infer_inputs(model)
         if native is not None:
@@ -147,6 +141,31 @@ def make_plan(*, adapter: Any, model: Any, spec: Mapping[str, Any], reference: A
         raise UsageError(f"{label}: verify=True but {why}; pass verify='auto' to load without verification")
     plan.verify = verify is not False and can_verify
     return plan
+
+
+def _runs(adapter: Any, model: Any, inputs: list[Any]) -> bool:
+    """True if the model runs on these canonical inputs."""
+    try:
+        adapter.run(model, adapter.to_native_inputs(model, inputs))
+    except Exception:  # noqa: BLE001 - any failure means these inputs do not fit
+        return False
+    return True
+
+
+def _shared_inputs(adapter: Any, model: Any, ref_adapter: Any, reference: Any) -> list[Any] | None:
+    """Canonical probe inputs both models run on: inferred from the target, else from the reference."""
+    for a, m in ((adapter, model), (ref_adapter, reference)):
+        try:
+            native = a.infer_inputs(m)
+        except Exception:  # noqa: BLE001 - an unusual model: try the other side
+            native = None
+        if native is None:
+            continue
+        canonical = a.to_canonical_inputs(m, native)
+        other = (ref_adapter, reference) if m is model else (adapter, model)
+        if _runs(*other, canonical):
+            return canonical
+    return None
 
 
 def _native(adapter: Any, model: Any, inputs: Sequence[Any]) -> list[Any]:
