@@ -223,12 +223,13 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         return _load_live(source, live, model=model, framework=framework, strict=strict, exclude=exclude,
                           rename=rename, dtype=dtype, device=device, freeze=freeze, return_report=return_report,
                           reference=reference, example_inputs=example_inputs, verify=verify)
+    early = _adapter(model, framework)
+    if early is not None:  # before the registry architecture is built and anything is downloaded
+        _check_adapter_args(early, dtype=dtype, device=device)
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
                                             config=config, num_classes=num_classes, sha256=sha256,
                                             strategy=strategy)
     art = with_key(art, key)
-    if adapter is not None:
-        _check_adapter_args(adapter, dtype=dtype, device=device)
     if adapter is None:
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
         if _is_full_model(art):
