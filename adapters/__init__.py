@@ -127,8 +127,13 @@ class Adapter(Protocol):
     def describe(self, model: Any, spec: Any, inputs: Any = None) -> dict[str, Any]:
         """Canonical prefix -> :class:`hubload.behaviour.LayerDesc`, traced with a recorded call on ``inputs``."""
 
-    def run(self, model: Any, inputs: Any, *, spec: Any = None, record: bool = False) -> tuple[list[Any], list[Any]]:
-        """Outputs (numpy) on probe inputs in the framework's convention, and the recorded call if asked."""
+    def run(self, model: Any, inputs: Any, *, spec: Any = None, record: bool = False,
+            values: Any = None) -> tuple[list[Any], list[Any]]:
+        """Outputs (numpy) on probe inputs in the framework's convention, and the recorded call if asked;
+        with ``values`` (from :meth:`checkpoint_values`) the model runs on them, unchanged."""
+
+    def checkpoint_values(self, model: Any, report: Any, reader: Any, spec: Any) -> Any:
+        """The report's tensors as the model would hold them after the copy, for ``run(values=...)``."""
 
     def snapshot(self, model: Any, names: Any, spec: Any) -> Any:
         """The named tensors' values before a copy (for :meth:`restore`)."""

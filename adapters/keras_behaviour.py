@@ -26,7 +26,7 @@ from hubload.behaviour import Event, LayerDesc, analyse, pad_spec
 from hubload.checkpoint import canonical_dtype
 from hubload.layout import apply_transform
 
-__all__ = ["describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot", "to_canonical_inputs",
+__all__ = ["checkpoint_values", "describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot", "to_canonical_inputs",
            "to_native_inputs"]
 
 _ACT_NAMES = {"swish": "silu", "linear": "linear", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid",
@@ -248,7 +248,7 @@ def _recording(model: Any, prefixes: Mapping[str, Any]) -> Iterator[list[Event]]
 
 
 def run(model: Any, inputs: Sequence[Any], *, spec: Mapping[str, Any] | None = None,
-        record: bool = False) -> tuple[list[Any], list[Event]]:
+        record: bool = False, values: Mapping[int, Any] | None = None) -> tuple[list[Any], list[Event]]:
     """Run the model on probe inputs (``training=False``) and return its outputs as numpy arrays.
 
     Args:
@@ -256,16 +256,44 @@ def run(model: Any, inputs: Sequence[Any], *, spec: Mapping[str, Any] | None = N
         inputs: Positional inputs in the Keras convention (channels-last images).
         spec: The model's spec (needed with ``record``).
         record: Also return the recorded call.
+        values: Run with these variable values instead of the model's own (from :func:`checkpoint_values`),
+            through ``model.stateless_call``: the model's variables are not changed.
 
     Returns:
         ``(outputs, events)``.
     """
     args = [np.asarray(x) for x in inputs]
+
+    def call() -> Any:
+        if values is None:
+            return model(*args, training=False)
+        trainable = [values.get(id(v), v.value) for v in model.trainable_variables]
+        frozen = [values.get(id(v), v.value) for v in model.non_trainable_variables]
+        kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+        out, _ = model.stateless_call(trainable, frozen, *args, **kwargs)  # calls .call() directly
+        return out
+
     if record:
         with _recording(model, _prefixes(model, spec or {})) as events:
-            out = model(*args, training=False)
+            out = call()
         return _outputs(out), events
-    return _outputs(model(*args, training=False)), []
+    return _outputs(call()), []
+
+
+def checkpoint_values(model: Any, report: Any, reader: Any, spec: Mapping[str, Any]) -> dict[int, Any]:
+    """The report's matched tensors as the variables would hold them after the copy (keyed by variable id).
+
+    Used to verify a load before it happens (:func:`run` with ``values=``): no variable is assigned.
+    """
+    from hubload.checkpoint import numpy_dtype, to_numpy
+
+    out: dict[int, Any] = {}
+    for m in report.matched:
+        target = spec[m.key]
+        arr = apply_transform(apply_transform(to_numpy(reader.get(m.source)), m.transform), target.transform)
+        var = target.handle
+        out[id(var)] = np.ascontiguousarray(arr, dtype=numpy_dtype(canonical_dtype(var.dtype)))
+    return out
 
 
 def _dtype(model: Any) -> str:

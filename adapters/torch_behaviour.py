@@ -26,7 +26,7 @@ from torch import nn
 from hubload.behaviour import Event, LayerDesc, analyse, pad_spec
 from hubload.checkpoint import canonical_dtype
 
-__all__ = ["describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot", "to_canonical_inputs",
+__all__ = ["checkpoint_values", "describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot", "to_canonical_inputs",
            "to_native_inputs"]
 
 _POOLS = {nn.MaxPool1d: "max", nn.MaxPool2d: "max", nn.MaxPool3d: "max", nn.AvgPool1d: "avg",
@@ -214,7 +214,7 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def run(model: nn.Module, inputs: Sequence[Any], *, spec: Mapping[str, Any] | None = None,
-        record: bool = False) -> tuple[list[Any], list[Event]]:
+        record: bool = False, values: Mapping[str, Any] | None = None) -> tuple[list[Any], list[Event]]:
     """Run the model on probe inputs in eval mode (no grad) and return its outputs as numpy arrays.
 
     Args:
@@ -222,6 +222,8 @@ def run(model: nn.Module, inputs: Sequence[Any], *, spec: Mapping[str, Any] | No
         inputs: Positional inputs (numpy arrays or tensors), in the torch convention.
         spec: The model's spec (needed with ``record``: it names the layers).
         record: Also return the recorded call.
+        values: Run with these tensors instead of the model's own (``state_dict`` key -> tensor, from
+            :func:`checkpoint_values`), through ``torch.func.functional_call``: the model is not changed.
 
     Returns:
         ``(outputs, events)`` (events empty unless ``record``).
@@ -237,15 +239,40 @@ def run(model: nn.Module, inputs: Sequence[Any], *, spec: Mapping[str, Any] | No
         args.append(t.to(device))
     was_training = model.training
     model.eval()
+
+    def call() -> Any:
+        if values is None:
+            return model(*args)
+        return torch.func.functional_call(model, dict(values), tuple(args), strict=False)
+
     try:
         with torch.no_grad():
             if record:
                 with _recording(model, _prefixes(model, spec or {})) as events:
-                    out = model(*args)
+                    out = call()
                 return _outputs(out), events
-            return _outputs(model(*args)), []
+            return _outputs(call()), []
     finally:
         model.train(was_training)
+
+
+def checkpoint_values(model: nn.Module, report: Any, reader: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's matched tensors as the model would hold them after the copy (views where possible).
+
+    Used to verify a load before it happens (:func:`run` with ``values=``): nothing is copied into the model.
+    """
+    from hubload.adapters.torch import relayout, to_torch
+
+    out: dict[str, Any] = {}
+    for m in report.matched:
+        target = spec[m.key]
+        t, _ = to_torch(reader, m.source, owned=False)
+        t = relayout(t, m.transform)
+        handle = target.handle
+        if isinstance(handle, torch.Tensor) and not handle.is_meta:
+            t = t.to(device=handle.device, dtype=handle.dtype)
+        out[str(target.native)] = t
+    return out
 
 
 def describe(model: nn.Module, spec: Mapping[str, Any], inputs: Sequence[Any] | None = None) -> dict[str, LayerDesc]:

@@ -400,7 +400,7 @@ def _apply(plan: Any, adapter: Any, model: Any, report: CompatReport, reader: An
     offered = {"dtype_policy": dtype, "model_spec": model_spec, "device": device}
     accepted = getattr(adapter, "apply_options", frozenset({"dtype_policy"}))
     options = {k: v for k, v in offered.items() if k in accepted}
-    apply_verified(plan, report, lambda: adapter.apply(model, report, reader, **options), keep=keep)
+    apply_verified(plan, report, reader, lambda: adapter.apply(model, report, reader, **options), keep=keep)
 
 
 def _trial_apply(plan: Any, adapter: Any, model: Any, report: CompatReport, reader: Any,

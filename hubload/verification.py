@@ -201,7 +201,13 @@ def review(plan: Plan, report: Any, checkpoint_layout: str | None) -> None:
     cross = checkpoint_layout is not None and checkpoint_layout != plan.adapter.native_layout
     if plan.reference is None and not cross:
         return  # same framework, no reference: nothing here can differ by convention
-    plan.descs = _describe(plan.adapter, plan.model, plan.spec, plan.inputs)
+    if plan.reference is None:
+        # Without a reference the recorded call only serves the flatten check, which needs a feature map.
+        plan.descs = plan.adapter.describe(plan.model, plan.spec, None)
+        if any(d.kind.startswith("conv") for d in plan.descs.values()):
+            plan.descs = _describe(plan.adapter, plan.model, plan.spec, plan.inputs)
+    else:
+        plan.descs = _describe(plan.adapter, plan.model, plan.spec, plan.inputs)
     pairs = _pairs(report)
     if plan.reference is not None:
         plan.ref_descs = _describe(plan.ref_adapter, plan.reference, plan.ref_spec or {}, plan.inputs)
@@ -221,13 +227,14 @@ def review(plan: Plan, report: Any, checkpoint_layout: str | None) -> None:
     report.warnings.extend(flatten_fixes(report, plan.descs, source_order))
 
 
-def verify_loaded(plan: Plan) -> Verification:
-    """Run the loaded target (and the reference) on the probe inputs and compare the outputs."""
+def verify_loaded(plan: Plan, values: Any = None) -> Verification:
+    """Run the target (on ``values``, the checkpoint's tensors, when given) and compare its outputs with the
+    reference's (or the probe digest)."""
     from hubload.probe import check_digest, make_input
 
     if plan.reference is not None and plan.inputs is not None:
         ref_out, _ = plan.ref_adapter.run(plan.reference, _native(plan.ref_adapter, plan.reference, plan.inputs))
-        out, _ = plan.adapter.run(plan.model, _native(plan.adapter, plan.model, plan.inputs))
+        out, _ = plan.adapter.run(plan.model, _native(plan.adapter, plan.model, plan.inputs), values=values)
         if not ref_out or not out:
             return Verification(False, float("inf"), 0.0, None, "reference", "a model returned no tensor")
         import numpy as np
@@ -240,11 +247,11 @@ def verify_loaded(plan: Plan) -> Verification:
             diff = max(max_abs_diff(r, t) for r, t in zip(ref_out, out))
         if diff <= tol:
             return Verification(True, diff, tol, None, "reference")
-        layer, detail = _locate(plan)
+        layer, detail = _locate(plan, values)
         return Verification(False, diff, tol, layer, "reference", detail)
     probe = plan.probe or {}
     inputs = [make_input(probe["input"])]
-    out, _ = plan.adapter.run(plan.model, _native(plan.adapter, plan.model, inputs))
+    out, _ = plan.adapter.run(plan.model, _native(plan.adapter, plan.model, inputs), values=values)
     if not out:
         return Verification(False, float("inf"), 0.0, None, "probe", "the model returned no tensor")
     passed, diff, tol, detail = check_digest(probe["output"], out[0], plan.dtype, probe.get("tolerance"))
@@ -253,7 +260,7 @@ def verify_loaded(plan: Plan) -> Verification:
     return Verification(bool(passed), diff, tol, None if passed else "(model output)", "probe", detail)
 
 
-def _locate(plan: Plan) -> tuple[str | None, str]:
+def _locate(plan: Plan, values: Any) -> tuple[str | None, str]:
     """The first divergent layer, from recorded calls of both models on the same inputs."""
     if plan.inputs is None:
         return None, "no inputs to compare the layers on"
@@ -261,47 +268,66 @@ def _locate(plan: Plan) -> tuple[str | None, str]:
         _, ref_events = plan.ref_adapter.run(plan.reference, _native(plan.ref_adapter, plan.reference, plan.inputs),
                                              spec=plan.ref_spec, record=True)
         _, events = plan.adapter.run(plan.model, _native(plan.adapter, plan.model, plan.inputs),
-                                     spec=plan.spec, record=True)
+                                     spec=plan.spec, record=True, values=values)
     except Exception as exc:  # noqa: BLE001 - locating is best effort; the failure itself stands
         return None, f"layers not compared ({type(exc).__name__}: {exc})"
     return first_divergent(ref_events, events, plan.pairs, plan.dtype)
 
 
-def apply_verified(plan: Plan, report: Any, do_apply: Callable[[], None], *, keep: bool = True) -> None:
-    """Apply, then verify; on a failed verification restore the model and raise.
+def apply_verified(plan: Plan, report: Any, reader: Any, do_apply: Callable[[], None], *, keep: bool = True) -> None:
+    """Verify the checkpoint's numbers in the target, then copy them.
+
+    The target runs on the checkpoint's tensors *before* the copy (``adapter.checkpoint_values`` +
+    ``adapter.run(values=...)``: torch ``functional_call``, Keras ``stateless_call``), so a failed verification
+    leaves the model exactly as it was and costs no snapshot. An adapter without ``checkpoint_values`` is
+    verified after the copy and rolled back with ``snapshot``/``restore``.
 
     Args:
         plan: From :func:`make_plan` (``verify`` decides whether anything beyond ``do_apply`` runs).
         report: The compat report; ``report.verification`` is set.
+        reader: The checkpoint reader the report was computed from.
         do_apply: Copies the report's matched tensors (``adapter.apply``).
-        keep: Keep the loaded weights after a passed verification (False: restore anyway, as ``check`` does).
+        keep: Copy after a passed verification (False: only verify, as ``check`` does).
 
     Raises:
-        IncompatibleWeightsError: The verification failed (the model is as it was); names the first divergent
+        IncompatibleWeightsError: The verification failed (nothing was copied); names the first divergent
             layer when a reference exists.
     """
-    if not plan.verify and keep:
-        do_apply()
+    if not plan.verify:
+        if keep:
+            do_apply()
         return
-    names = [m.key for m in report.matched]
-    snap = plan.adapter.snapshot(plan.model, names, plan.spec)
+    for t_prefix, r_prefix in _pairs(report):
+        plan.pairs.setdefault(t_prefix, r_prefix)
+    values_of = getattr(plan.adapter, "checkpoint_values", None)
+    if values_of is not None:
+        result = verify_loaded(plan, values_of(plan.model, report, reader, plan.spec))
+        report.verification = result
+        if not result.passed:
+            raise _failed(plan, report, result)
+        if keep:
+            do_apply()
+        return
+    snap = plan.adapter.snapshot(plan.model, [m.key for m in report.matched], plan.spec)
     do_apply()
     try:
-        for t_prefix, r_prefix in _pairs(report):
-            plan.pairs.setdefault(t_prefix, r_prefix)
-        result = verify_loaded(plan) if plan.verify else None
+        result = verify_loaded(plan)
     except Exception:
         plan.adapter.restore(plan.model, snap)
         raise
     report.verification = result
-    if result is not None and not result.passed:
+    if not result.passed or not keep:
         plan.adapter.restore(plan.model, snap)
-        where = f"; first divergent layer: {result.first_divergent}" if result.first_divergent else ""
-        raise IncompatibleWeightsError(
-            f"{plan.label} -> {type(plan.model).__name__}: the loaded model's outputs differ from the "
-            f"{result.against}'s (max |diff| {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}){where}"
-            f"{' (' + result.detail + ')' if result.detail else ''}. The model was restored to its previous "
-            "weights. Compare the layers named above with the reference, or pass verify=False to skip this check.",
-            report=report)
-    if not keep:
-        plan.adapter.restore(plan.model, snap)
+    if not result.passed:
+        raise _failed(plan, report, result)
+
+
+def _failed(plan: Plan, report: Any, result: Verification) -> IncompatibleWeightsError:
+    """The refusal after a failed verification."""
+    where = f"; first divergent layer: {result.first_divergent}" if result.first_divergent else ""
+    return IncompatibleWeightsError(
+        f"{plan.label} -> {type(plan.model).__name__}: with the checkpoint's weights, the model's outputs differ "
+        f"from the {result.against}'s (max |diff| {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g})"
+        f"{where}{' (' + result.detail + ')' if result.detail else ''}. Nothing was copied: the model is as it "
+        "was. Compare the layers named above with the reference, or pass verify=False to skip this check.",
+        report=report)
