@@ -7,6 +7,9 @@ An adapter is a module (or any object) with the same small protocol, :class:`Ada
     spec(model) -> dict[str, ModelTensor]         # canonical name -> shape/dtype/native handle
     apply(model, report, reader, **options)       # copy the report's matched tensors; all-or-nothing
     build(architecture, config) -> model          # "package.module:callable" + keyword config
+    ...                                           # and the rest api.py uses: place, build_scope, freeze,
+                                                  # restore_native, load_full, describe, run, checkpoint_values,
+                                                  # snapshot/restore, read_tensor, infer/convert inputs
 
 The loading pipeline speaks the canonical layout (PyTorch ``state_dict`` names and shapes) on both
 sides::

@@ -26,8 +26,8 @@ from hubload.behaviour import Event, LayerDesc, analyse, pad_spec
 from hubload.checkpoint import canonical_dtype
 from hubload.layout import apply_transform
 
-__all__ = ["checkpoint_values", "describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot", "to_canonical_inputs",
-           "to_native_inputs"]
+__all__ = ["checkpoint_values", "describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot",
+           "to_canonical_inputs", "to_native_inputs"]
 
 _ACT_NAMES = {"swish": "silu", "linear": "linear", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid",
               "gelu": "gelu", "silu": "silu", "softmax": "softmax", "elu": "elu", "selu": "selu",

@@ -587,6 +587,6 @@ from hubload.adapters.keras_behaviour import (  # noqa: E402  (behaviour checks,
     to_native_inputs,
 )
 
-__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies", "infer_inputs",  # noqa: PLE0605
-            "native_formats", "native_layout", "place", "read_tensor", "restore", "run", "snapshot",
+__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies",  # noqa: PLE0605
+            "infer_inputs", "native_formats", "native_layout", "place", "read_tensor", "restore", "run", "snapshot",
             "to_canonical_inputs", "to_native_inputs"]

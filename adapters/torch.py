@@ -550,6 +550,6 @@ from hubload.adapters.torch_behaviour import (  # noqa: E402  (behaviour checks,
     to_native_inputs,
 )
 
-__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies", "infer_inputs", "load_full",  # noqa: PLE0605
-            "native_formats", "native_layout", "place", "read_tensor", "restore", "restore_native", "run",
-            "snapshot", "to_canonical_inputs", "to_native_inputs"]
+__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies",  # noqa: PLE0605
+            "infer_inputs", "load_full", "native_formats", "native_layout", "place", "read_tensor", "restore",
+            "restore_native", "run", "snapshot", "to_canonical_inputs", "to_native_inputs"]

@@ -26,8 +26,8 @@ from torch import nn
 from hubload.behaviour import Event, LayerDesc, analyse, pad_spec
 from hubload.checkpoint import canonical_dtype
 
-__all__ = ["checkpoint_values", "describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot", "to_canonical_inputs",
-           "to_native_inputs"]
+__all__ = ["checkpoint_values", "describe", "infer_inputs", "read_tensor", "restore", "run", "snapshot",
+           "to_canonical_inputs", "to_native_inputs"]
 
 _POOLS = {nn.MaxPool1d: "max", nn.MaxPool2d: "max", nn.MaxPool3d: "max", nn.AvgPool1d: "avg",
           nn.AvgPool2d: "avg", nn.AvgPool3d: "avg", nn.AdaptiveAvgPool1d: "avg", nn.AdaptiveAvgPool2d: "avg",

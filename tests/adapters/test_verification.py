@@ -126,7 +126,8 @@ def test_cli_check_prints_probe_and_verification_and_exits_1_on_failure(tmp_path
     probe["output"]["values"][0] += 1.0  # a digest this file does not produce
     reg = tmp_path / "reg.yaml"
     reg.write_text(json.dumps({"version": 1, "models": {"seed-bad": {
-        "source": f"file://{entry.local_dir()}", "files": [{"path": "model.safetensors", "sha256": entry.files[0].sha256}],
+        "source": f"file://{entry.local_dir()}",
+        "files": [{"path": "model.safetensors", "sha256": entry.files[0].sha256}],
         "architecture": dict(entry.architecture), "config": dict(entry.config), "probe": probe}}}))
     res = CliRunner().invoke(cli, ["check", "seed-bad", "--framework", "torch", "--verify", "--registry", str(reg)])
     assert res.exit_code == 1 and "verification against the probe: FAILED" in res.output
