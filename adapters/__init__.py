@@ -7,6 +7,9 @@ An adapter is a module (or any object) with the same small protocol, :class:`Ada
     spec(model) -> dict[str, ModelTensor]         # canonical name -> shape/dtype/native handle
     apply(model, report, reader, **options)       # copy the report's matched tensors; all-or-nothing
     build(architecture, config) -> model          # "package.module:callable" + keyword config
+    ...                                           # and the rest api.py uses: place, build_scope, freeze,
+                                                  # restore_native, load_full, describe, run, checkpoint_values,
+                                                  # snapshot/restore, read_tensor, infer/convert inputs
 
 The loading pipeline speaks the canonical layout (PyTorch ``state_dict`` names and shapes) on both
 sides::
@@ -84,9 +87,18 @@ class ModelTensor:
 
 @runtime_checkable
 class Adapter(Protocol):
-    """What hubload needs from a framework adapter (module or object)."""
+    """What hubload needs from a framework adapter (module or object).
+
+    api.py uses exactly these capabilities and never asks which framework an adapter is, so a third-party
+    adapter (JAX, MLX) that implements them all gets every feature: loading, freezing, native restore,
+    behaviour comparison and numeric verification with rollback.
+    """
 
     name: str
+    native_layout: str  # "torch" or "keras": the tensor convention of the framework's own checkpoints
+    native_formats: tuple[str, ...]  # checkpoint formats restore_native() reads (optimizer state included)
+    apply_options: frozenset[str]  # keyword options apply() accepts ("dtype_policy", "device", "model_spec")
+    dtype_policies: tuple[str, ...] | None  # the dtype= values apply() supports; None = any dtype name
 
     def owns(self, model: Any) -> bool:
         """True if ``model`` belongs to this adapter's framework."""
@@ -99,6 +111,50 @@ class Adapter(Protocol):
 
     def build(self, architecture: str, config: dict[str, Any]) -> Any:
         """Instantiate ``"module:callable"`` with ``config`` as keywords."""
+
+    def build_scope(self, strategy: Any) -> Any:
+        """Context manager to build a model under a distribution ``strategy`` (UsageError if unsupported)."""
+
+    def place(self, model: Any, device: Any) -> Any:
+        """The model on ``device`` (None: unchanged); UsageError if the framework has no such notion."""
+
+    def freeze(self, model: Any, names: list[str]) -> None:
+        """Make the named canonical tensors not trainable."""
+
+    def restore_native(self, model: Any, path: Any, optimizer: Any = None) -> Any:
+        """Restore a framework-native checkpoint (with optimizer state); returns the CompatReport."""
+
+    def load_full(self, path: Any) -> Any:
+        """Load a whole-model artifact (SavedModel, ``.keras``)."""
+
+    def describe(self, model: Any, spec: Any, inputs: Any = None) -> dict[str, Any]:
+        """Canonical prefix -> :class:`hubload.behaviour.LayerDesc`, traced with a recorded call on ``inputs``."""
+
+    def run(self, model: Any, inputs: Any, *, spec: Any = None, record: bool = False,
+            values: Any = None) -> tuple[list[Any], list[Any]]:
+        """Outputs (numpy) on probe inputs in the framework's convention, and the recorded call if asked;
+        with ``values`` (from :meth:`checkpoint_values`) the model runs on them, unchanged."""
+
+    def checkpoint_values(self, model: Any, report: Any, reader: Any, spec: Any) -> Any:
+        """The report's tensors as the model would hold them after the copy, for ``run(values=...)``."""
+
+    def snapshot(self, model: Any, names: Any, spec: Any) -> Any:
+        """The named tensors' values before a copy (for :meth:`restore`)."""
+
+    def restore(self, model: Any, snapshot: Any) -> None:
+        """Put a snapshot back (rollback after a failed verification)."""
+
+    def read_tensor(self, tensor: ModelTensor) -> Any:
+        """A live model tensor's value in the canonical layout (a model used as a checkpoint)."""
+
+    def infer_inputs(self, model: Any) -> list[Any] | None:
+        """Probe inputs in the framework's convention from the shapes the model was built/called with."""
+
+    def to_native_inputs(self, model: Any, inputs: Any) -> list[Any]:
+        """Canonical (channels-first) inputs in the framework's convention."""
+
+    def to_canonical_inputs(self, model: Any, inputs: Any) -> list[Any]:
+        """The framework's inputs in the canonical (channels-first) convention."""
 
 
 def _nothing_loaded_error(reader: Any, model: Any, problems: list[str], report: Any,

@@ -549,3 +549,44 @@ def load_full(path: str | os.PathLike[str]) -> Any:
             raise CheckpointError(f"{p}: cannot load .keras model: {exc}") from exc
     raise CheckpointError(f"{p}: not a whole-model artifact (expected a SavedModel folder with saved_model.pb "
                           "or a .keras file); weights-only files load into a model you build")
+
+
+# ------------------------------------------------------------------- rest of the adapter Protocol
+# Declared so api.py never branches on the adapter's name (see hubload.adapters.Adapter).
+
+native_layout = "keras"
+native_formats: tuple[str, ...] = ("tf-checkpoint",)
+apply_options = frozenset({"dtype_policy", "model_spec"})
+dtype_policies: tuple[str, ...] | None = ("model",)  # Keras variables keep their dtype
+
+
+def place(model: Any, device: Any) -> Any:
+    """Keras places variables itself; ``device=`` is refused rather than ignored."""
+    if device is None:
+        return model
+    from hubload.errors import UsageError
+
+    raise UsageError(f"device={device!r} is for torch models; Keras places variables itself (build the model "
+                     "under `with tf.device(...)` instead)")
+
+
+def build_scope(strategy: Any) -> Any:
+    """``strategy.scope()`` (a no-op context for None)."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+from hubload.adapters.keras_behaviour import (  # noqa: E402  (behaviour checks, see that module)
+    checkpoint_values,
+    describe,
+    infer_inputs,
+    read_tensor,
+    restore,
+    run,
+    snapshot,
+    to_canonical_inputs,
+    to_native_inputs,
+)
+
+__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies",  # noqa: PLE0605
+            "infer_inputs", "native_formats", "native_layout", "place", "read_tensor", "restore", "run", "snapshot",
+            "to_canonical_inputs", "to_native_inputs"]

@@ -499,3 +499,57 @@ def build(architecture: str, config: dict[str, Any] | None = None) -> torch.nn.M
         raise RegistryError(f"architecture {architecture!r} returned a {type(model).__name__}, not a "
                             "torch.nn.Module; point it at a PyTorch model class or factory", field="architecture")
     return model
+
+
+# ------------------------------------------------------------------- rest of the adapter Protocol
+# Declared so api.py never branches on the adapter's name (see hubload.adapters.Adapter).
+
+native_layout = "torch"
+native_formats: tuple[str, ...] = ()
+apply_options = frozenset({"dtype_policy", "device", "model_spec"})
+dtype_policies: tuple[str, ...] | None = None  # "model", "checkpoint" or any dtype name
+
+
+def place(model: torch.nn.Module, device: Any) -> torch.nn.Module:
+    """``model.to(device)`` (unchanged when ``device`` is None)."""
+    return model if device is None else model.to(device)
+
+
+def build_scope(strategy: Any) -> Any:
+    """PyTorch has no tf.distribute strategies."""
+    from hubload.errors import UsageError
+
+    raise UsageError("strategy= is a tf.distribute strategy; use it with framework='tf' (for torch, wrap the "
+                     "loaded model in DDP/FSDP yourself)")
+
+
+def restore_native(model: Any, path: Any, optimizer: Any = None) -> Any:
+    """PyTorch checkpoints load through the compat check; optimizer state is not restored by hubload."""
+    from hubload.errors import UsageError
+
+    raise UsageError("optimizer= restores optimizer state from a tf.train.Checkpoint into a Keras model; for "
+                     "torch, load the optimizer's state_dict yourself")
+
+
+def load_full(path: Any) -> Any:
+    """PyTorch has no whole-model artifact hubload loads (pickled modules need code execution)."""
+    from hubload.errors import UsageError
+
+    raise UsageError(f"{path}: whole saved models load into Keras/TF only; build the torch model and pass model=")
+
+
+from hubload.adapters.torch_behaviour import (  # noqa: E402  (behaviour checks, see that module)
+    checkpoint_values,
+    describe,
+    infer_inputs,
+    read_tensor,
+    restore,
+    run,
+    snapshot,
+    to_canonical_inputs,
+    to_native_inputs,
+)
+
+__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies",  # noqa: PLE0605
+            "infer_inputs", "load_full", "native_formats", "native_layout", "place", "read_tensor", "restore",
+            "restore_native", "run", "snapshot", "to_canonical_inputs", "to_native_inputs"]

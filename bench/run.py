@@ -421,9 +421,20 @@ def import_time(ctx: Ctx) -> list[Row]:
                 raw={"hubload": hub, "baseline": base, "heavy": heavy})]
 
 
+def verify_cost(ctx: Ctx) -> list[Row]:
+    """(v) what numeric verification (the registry probe) adds to an all-MiniLM-L6-v2 load (bench/verify_cost.py)."""
+    runs = 1 if ctx.quick else 5
+    out = subprocess.run([PY, str(HERE / "verify_cost.py"), "--json", "--runs", str(runs)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+    return [Row("v", f"verification cost, all-MiniLM-L6-v2 {r['framework']} ({r['row']})",
+                f"{r['load_verified_s'] * 1e3:.1f} ms verified", f"{r['load_s'] * 1e3:.1f} ms verify=False",
+                r["ratio"], "<= 1.2x", r["met"], note=f"load average {r['loadavg']:.2f}", raw=r)
+            for r in json.loads(out.strip().splitlines()[-1])]
+
+
 SCENARIOS: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
     ("1", cold_pull), ("1d", cold_pull_disk), ("2", cold_pull_slow), ("3", sharded), ("4", warm_hit), ("5", load_torch), ("6", load_keras),
-    ("7", meta_rss), ("8", check_command), ("9", import_time),
+    ("7", meta_rss), ("8", check_command), ("9", import_time), ("v", verify_cost),
 ]
 
 

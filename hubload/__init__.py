@@ -28,6 +28,7 @@ from .errors import (
     RegistryError,
     UnsafeArchiveError,
     UnsafeCheckpointError,
+    UsageError,
 )
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "RegistryError",
     "UnsafeArchiveError",
     "UnsafeCheckpointError",
+    "UsageError",
     "__version__",
     "check",
     "convert",

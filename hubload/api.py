@@ -18,9 +18,10 @@ from typing import Any
 from .cache import Cache
 from .compat import CompatReport
 from .compat import check as compat_check
-from .errors import HubloadError
+from .errors import HubloadError, UsageError
 from .families import family_model_spec
 from .registry import RegistryArg
+from .verification import apply_verified, live_model, live_reader, make_plan, review
 from .resolve import (
     _FULL_MODEL_FORMATS,
     Artifact,
@@ -52,8 +53,8 @@ def _adapter(model: Any, framework: str | None) -> Any:
     if model is not None:
         adapter = get_adapter(model)
         if framework is not None and _framework_name(framework) != adapter.name:
-            raise HubloadError(f"framework={framework!r} contradicts the model, a {type(model).__module__}."
-                               f"{type(model).__name__} ({adapter.name}); drop framework= or pass a matching model")
+            raise UsageError(f"framework={framework!r} contradicts the model, a {type(model).__module__}."
+                             f"{type(model).__name__} ({adapter.name}); drop framework= or pass a matching model")
         return adapter
     if framework is None:
         return None
@@ -66,8 +67,8 @@ def _replace_globs(art: Artifact, num_classes: int | None) -> tuple[str, ...]:
         return ()
     entry = art.entry
     if entry is None or not entry.head:
-        raise HubloadError(f"{art.label}: num_classes= needs a registry entry that declares its classification "
-                           "head (head: [globs]); for other checkpoints pass exclude=[...] for the head tensors")
+        raise UsageError(f"{art.label}: num_classes= needs a registry entry that declares its classification "
+                         "head (head: [globs]); for other checkpoints pass exclude=[...] for the head tensors")
     if entry.config.get("num_classes") == num_classes:
         return ()
     return tuple(entry.head)
@@ -77,14 +78,14 @@ def _build(art: Artifact, adapter: Any, config: Mapping[str, Any] | None, num_cl
     """Build the registry entry's architecture for the adapter's framework."""
     entry = art.entry
     if entry is None:
-        raise HubloadError(f"{art.label}: not a registry entry, so hubload has no architecture to build; "
-                           "pass model=your_model")
+        raise UsageError(f"{art.label}: not a registry entry, so hubload has no architecture to build; "
+                         "pass model=your_model")
     arch = entry.architecture.get(adapter.name)
     if arch is None:
         have = ", ".join(entry.frameworks()) or "none"
-        raise HubloadError(f"model {entry.id!r} has no {adapter.name} architecture (it has: {have}); pass "
-                           f"model= to load into your own {adapter.name} model, or add architecture.{adapter.name} "
-                           "to the registry entry")
+        raise UsageError(f"model {entry.id!r} has no {adapter.name} architecture (it has: {have}); pass "
+                         f"model= to load into your own {adapter.name} model, or add architecture.{adapter.name} "
+                         "to the registry entry")
     cfg = dict(entry.config)
     cfg.update(config or {})
     if num_classes is not None:
@@ -133,8 +134,8 @@ def _freeze(adapter: Any, model: Any, report: CompatReport, freeze: str | Sequen
         globs = [freeze] if isinstance(freeze, str) else list(freeze)
         names = [n for n in loaded if any(fnmatch.fnmatchcase(n, g) for g in globs)]
         if not names:
-            raise HubloadError(f"{label}: freeze={freeze!r} matches none of the {len(loaded)} loaded tensors; "
-                               "use 'backbone' or globs of canonical names such as 'encoder.*'")
+            raise UsageError(f"{label}: freeze={freeze!r} matches none of the {len(loaded)} loaded tensors; "
+                             "use 'backbone' or globs of canonical names such as 'encoder.*'")
     adapter.freeze(model, names)
 
 
@@ -147,14 +148,13 @@ def _prepare(source: Any, *, model: Any, framework: str | None, registry: Regist
     replace = _replace_globs(art, num_classes)
     if adapter is None:
         return art, None, model, replace
-    if strategy is not None and adapter.name != "tf":
-        raise HubloadError(f"{art.label}: strategy= is a tf.distribute strategy; use it with framework='tf'")
+    scope = adapter.build_scope(strategy) if strategy is not None else contextlib.nullcontext()
     if model is None:
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        with scope:
             model = _build(art, adapter, config, num_classes)
     elif num_classes is not None or config:
-        raise HubloadError("num_classes=/config= build the registry architecture; with model= given, size the "
-                           "head yourself and pass exclude=[...] for the checkpoint's head tensors")
+        raise UsageError("num_classes=/config= build the registry architecture; with model= given, size the "
+                         "head yourself and pass exclude=[...] for the checkpoint's head tensors")
     return art, adapter, model, replace
 
 
@@ -163,7 +163,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
          key: str | None = None, dtype: Any = "model", device: Any = None, layout: str | None = None,
          num_classes: int | None = None, freeze: str | Sequence[str] | None = None,
          config: Mapping[str, Any] | None = None, optimizer: Any = None, strategy: Any = None,
-         return_report: bool = False,
+         return_report: bool = False, reference: Any = None, example_inputs: Any = None, verify: Any = "auto",
          sha256: str | None = None, offline: bool | None = None, token: str | bool | None = None,
          progress: bool | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Any:
     """Load weights into a PyTorch or Keras model, checking compatibility before anything is copied.
@@ -172,7 +172,8 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         source: A registry ID (``"all-minilm-l6-v2"``), ``hf://org/name[@revision]/file``, an ``https://`` or
             ``file://`` URL, or a local path: a checkpoint file, a folder with a sharded checkpoint, a TF
             checkpoint prefix (as ``tf.train.Checkpoint.save`` returns it) or its folder, a SavedModel folder
-            or ``.keras`` file.
+            or ``.keras`` file. Or a live ``torch.nn.Module`` / Keras model: its weights are the checkpoint
+            (in its own framework's layout) and it is the reference for comparison and verification.
         model: The model to load into (``torch.nn.Module`` or ``keras.Model``/``tf.Module``); the framework
             is inferred from it. Omit it to build the registry entry's architecture.
         framework: ``torch``/``pt``/``pytorch`` or ``tf``/``tensorflow``/``keras`` when ``model`` is omitted.
@@ -193,6 +194,12 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         strategy: TF only: a ``tf.distribute`` strategy whose scope the registry architecture is built in
             (calling ``load`` inside ``with strategy.scope():`` does the same).
         return_report: Return ``(model, report)`` instead of the model.
+        reference: A live model that produced the checkpoint: its layers are compared with the target's before
+            the copy, and its outputs with the target's after it.
+        example_inputs: Inputs (one array or a list, in the target's convention: NHWC for a Keras image model)
+            to verify on; default: from the shape a model was built/called with, else the entry's probe.
+        verify: ``"auto"`` (verify when a reference or a probe exists), ``True`` (require one) or ``False``.
+            A failed verification restores the model and raises, naming the first divergent layer.
         sha256: Expected sha256 of a bare URL source.
         offline: Use the cache only (default: ``HUBLOAD_OFFLINE``/``HF_HUB_OFFLINE``).
         token: Hub token (default: ``HF_TOKEN`` or the saved login).
@@ -204,11 +211,22 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         model/framework and a full-model artifact (SavedModel, ``.keras``), the loaded model.
 
     Raises:
-        IncompatibleWeightsError: The checkpoint does not fit (``.report`` says how); nothing was copied.
+        IncompatibleWeightsError: The checkpoint does not fit, a layer computes differently from the reference,
+            or the verification failed (``.report`` says how); the model is as it was.
+        UsageError: Bad arguments (raised before anything is downloaded).
         ModelNotFoundError, RegistryError, DownloadError, CheckpointError, UnsafeCheckpointError,
         MissingDependencyError: see their messages.
     """
+    _check_args(dtype=dtype, verify=verify, freeze=freeze)
     cache = Cache(cache_dir)
+    live = live_model(source)
+    if live is not None:
+        return _load_live(source, live, model=model, framework=framework, strict=strict, exclude=exclude,
+                          rename=rename, dtype=dtype, device=device, freeze=freeze, return_report=return_report,
+                          reference=reference, example_inputs=example_inputs, verify=verify)
+    early = _adapter(model, framework)
+    if early is not None:  # before the registry architecture is built and anything is downloaded
+        _check_adapter_args(early, dtype=dtype, device=device)
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
                                             config=config, num_classes=num_classes, sha256=sha256,
                                             strategy=strategy, hub=dict(cache=cache, offline=offline, token=token))
@@ -218,12 +236,15 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         if _is_full_model(art):
             from .adapters import get_adapter
 
-            loaded = get_adapter("tf").load_full(art.path)
+            loaded = get_adapter("tf").load_full(art.path)  # whole saved models are a Keras/TF artifact
             return (loaded, None) if return_report else loaded
-        raise HubloadError(f"{art.label}: a weights checkpoint needs a model: pass model=your_model, or "
-                           "framework='torch' / 'tf' to build the registry entry's architecture")
+        raise UsageError(f"{art.label}: a weights checkpoint needs a model: pass model=your_model, or "
+                         "framework='torch' / 'tf' to build the registry entry's architecture")
 
     model_spec = family_model_spec(model, layout or art.layout) or adapter.spec(model)
+    plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=reference,
+                     example_inputs=example_inputs, probe=_probe_for(art, replace, exclude, config), verify=verify,
+                     label=art.label)
 
     def _fetch() -> Artifact:
         # An uncached remote safetensors is checked from its header first, so a misfit fails before gigabytes
@@ -238,26 +259,21 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
 
     art = run_once_per_node(_fetch, label=art.label)
     if _is_full_model(art):
-        raise HubloadError(f"{art.label} is a whole saved model, not a weights file; load it without model=/"
-                           "framework= to get the saved model itself")
+        raise UsageError(f"{art.label} is a whole saved model, not a weights file; load it without model=/"
+                         "framework= to get the saved model itself")
     with open_artifact(art) as reader:
         report = _report(canonical_tensors(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                          replace=replace, strict=strict)
         if optimizer is not None:
-            if adapter.name != "tf" or reader.format != "tf-checkpoint":
-                raise HubloadError("optimizer= restores optimizer state from a tf.train.Checkpoint into a Keras "
-                                   f"model; {art.label} is a {reader.format} checkpoint for a {adapter.name} model")
+            if reader.format not in adapter.native_formats:
+                raise UsageError("optimizer= restores optimizer state from a tf.train.Checkpoint into a Keras "
+                                 f"model; {art.label} is a {reader.format} checkpoint for a {adapter.name} model")
             report = adapter.restore_native(model, art.path, optimizer=optimizer)
         else:
+            review(plan, report, layout or art.layout or reader.layout)
             report.raise_if_incompatible(strict)
-            options: dict[str, Any] = {"dtype_policy": dtype}
-            if adapter.name in ("torch", "tf"):  # built-ins reuse the spec computed above (a model walk less)
-                options["model_spec"] = model_spec
-            if adapter.name == "torch":
-                options["device"] = device
-            adapter.apply(model, report, reader, **options)
-    if device is not None and adapter.name == "torch":
-        model = model.to(device)
+            _apply(plan, adapter, model, report, reader, dtype=dtype, device=device, model_spec=model_spec)
+    model = adapter.place(model, device)
     _freeze(adapter, model, report, freeze, art.label)
     return (model, report) if return_report else model
 
@@ -267,7 +283,8 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
           key: str | None = None, layout: str | None = None, num_classes: int | None = None,
           config: Mapping[str, Any] | None = None, sha256: str | None = None, offline: bool | None = None,
           token: str | bool | None = None, progress: bool | None = None,
-          cache_dir: str | os.PathLike[str] | None = None) -> CompatReport:
+          cache_dir: str | os.PathLike[str] | None = None, reference: Any = None, example_inputs: Any = None,
+          verify: Any = "auto") -> CompatReport:
     """Compare a checkpoint with a model without loading anything.
 
     For an uncached single-file safetensors on an ``hf://`` or ``https://`` source only the header is read
@@ -275,26 +292,47 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
 
     Args:
         source, model, framework, strict, registry, exclude, rename, key, layout, num_classes, config, sha256,
-        offline, token, progress, cache_dir: as for :func:`load`.
+        offline, token, progress, cache_dir, reference, example_inputs: as for :func:`load` (``source`` may be
+            a live model).
+        verify: ``"auto"`` verifies numerically when a reference exists (a live source or ``reference=``);
+            ``True`` also runs the registry entry's probe (downloading the checkpoint if needed). The weights
+            are copied for that and always restored: the model is left as it was.
 
     Returns:
-        The CompatReport (``report.ok`` tells whether a strict load would succeed).
+        The CompatReport (``report.ok`` tells whether a strict load would succeed; ``warnings``, ``behaviour``
+        and ``verification`` say what the numbers would be).
     """
+    _check_args(dtype="model", verify=verify, freeze=None)
+    live = live_model(source)
+    if live is not None:
+        _, report = _load_live(source, live, model=model, framework=framework, strict=strict, exclude=exclude,
+                               rename=rename, dtype="model", device=None, freeze=None, return_report=True,
+                               reference=reference, example_inputs=example_inputs, verify=verify, keep=False)
+        return report
     cache = Cache(cache_dir)
     art, adapter, model, replace = _prepare(source, model=model, framework=framework, registry=registry,
                                             config=config, num_classes=num_classes, sha256=sha256,
                                             hub=dict(cache=cache, offline=offline, token=token))
     if adapter is None:
-        raise HubloadError(f"{art.label}: check needs a model to compare with: pass model= or framework=")
+        raise UsageError(f"{art.label}: check needs a model to compare with: pass model= or framework=")
     art = with_key(art, key)
     model_spec = family_model_spec(model, layout or art.layout) or adapter.spec(model)
+    probe = _probe_for(art, replace, exclude, config) if verify is True else None
+    plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=reference,
+                     example_inputs=example_inputs, probe=probe, verify=verify, label=art.label)
+    cheap = reference is None and not (plan.verify and probe is not None)
     report = _remote_report(art, model_spec, model, cache=cache, layout=layout, rename=rename, exclude=exclude,
-                            replace=replace, strict=strict, offline=offline, token=token)
+                            replace=replace, strict=strict, offline=offline, token=token) if cheap else None
     if report is None:
         art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
         with open_artifact(art) as reader:
             report = _report(canonical_tensors(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                              replace=replace, strict=strict)
+            review(plan, report, layout or art.layout or reader.layout)
+            if report.ok and plan.verify:
+                _trial_apply(plan, adapter, model, report, reader, model_spec)
+    elif art.layout is not None or layout is not None:
+        review(plan, report, layout or art.layout)  # attributes and traps from the header alone
     return report
 
 
@@ -313,7 +351,102 @@ def inspect(source: str | os.PathLike[str], *, registry: RegistryArg = None, key
         return dict(header.tensors)
     art = fetch_artifact(art, cache=cache, offline=offline, token=token, progress=progress)
     if _is_full_model(art):
-        raise HubloadError(f"{art.label} is a whole saved model; `inspect` reads weight checkpoints")
+        raise UsageError(f"{art.label} is a whole saved model; `inspect` reads weight checkpoints")
     with open_artifact(art) as reader:
         return dict(reader.tensors())
 
+
+# --------------------------------------------------------------------- behaviour: live sources and verification
+
+
+def _check_args(*, dtype: Any, verify: Any, freeze: Any) -> None:
+    """Refuse bad argument values before anything is resolved or downloaded."""
+    if not (verify is True or verify is False or verify == "auto"):
+        raise UsageError(f"verify={verify!r}: use 'auto' (verify when a reference or probe exists), True or False")
+    if isinstance(dtype, str) and dtype not in ("model", "checkpoint"):
+        from .checkpoint import SAFETENSORS_DTYPES, canonical_dtype
+
+        known = sorted({n for n, _ in SAFETENSORS_DTYPES.values()})
+        if canonical_dtype(dtype) not in known:
+            raise UsageError(f"dtype={dtype!r} is not a dtype hubload knows; use 'model', 'checkpoint' or one of "
+                             f"{', '.join(known)}")
+    if freeze is not None and not isinstance(freeze, str) and \
+            not (isinstance(freeze, Sequence) and all(isinstance(g, str) for g in freeze)):
+        raise UsageError(f"freeze={freeze!r}: use 'backbone' or a list of globs of canonical names")
+
+
+def _check_adapter_args(adapter: Any, *, dtype: Any, device: Any) -> None:
+    """Refuse options the target's adapter does not support, before any download."""
+    policies = getattr(adapter, "dtype_policies", None)
+    if policies is not None and (not isinstance(dtype, str) or dtype not in policies):
+        raise UsageError(f"dtype={dtype!r} is not supported for {adapter.name} models (supported: "
+                         f"{', '.join(map(repr, policies))}); build the model with the dtype you want")
+    if device is not None and "device" not in getattr(adapter, "apply_options", ()):
+        adapter.place(None, device)  # raises the adapter's own explanation
+        raise UsageError(f"device= is not supported for {adapter.name} models")
+
+
+def _probe_for(art: Artifact, replace: Iterable[str], exclude: Iterable[str],
+               config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The entry's probe when the load reproduces the entry as published (no new head, no overrides)."""
+    entry = art.entry
+    probe = getattr(entry, "probe", None) if entry is not None else None
+    if probe is None or tuple(replace) or tuple(exclude) or config:
+        return None
+    return probe
+
+
+def _apply(plan: Any, adapter: Any, model: Any, report: CompatReport, reader: Any, *, dtype: Any, device: Any,
+           model_spec: Mapping[str, Any], keep: bool = True) -> None:
+    """``adapter.apply`` with the options it declares, verified (and rolled back) as the plan says."""
+    offered = {"dtype_policy": dtype, "model_spec": model_spec, "device": device}
+    accepted = getattr(adapter, "apply_options", frozenset({"dtype_policy"}))
+    options = {k: v for k, v in offered.items() if k in accepted}
+    apply_verified(plan, report, reader, lambda: adapter.apply(model, report, reader, **options), keep=keep)
+
+
+def _trial_apply(plan: Any, adapter: Any, model: Any, report: CompatReport, reader: Any,
+                 model_spec: Mapping[str, Any]) -> None:
+    """Copy, verify and restore (for ``check``): the outcome lands in ``report.verification``."""
+    from .errors import IncompatibleWeightsError
+
+    try:
+        _apply(plan, adapter, model, report, reader, dtype="model", device=None, model_spec=model_spec, keep=False)
+    except IncompatibleWeightsError as exc:
+        if exc.report is not report:
+            raise
+
+
+def _load_live(source: Any, src_adapter: Any, *, model: Any, framework: str | None, strict: bool,
+               exclude: Iterable[str], rename: Sequence[Any], dtype: Any, device: Any,
+               freeze: str | Sequence[str] | None, return_report: bool, reference: Any, example_inputs: Any,
+               verify: Any, keep: bool = True) -> Any:
+    """Load from a live model: its tensors are the checkpoint and the model itself is the reference."""
+    label = f"<{type(source).__module__}.{type(source).__name__} model>"
+    if reference is not None:
+        raise UsageError(f"{label}: a live source model is its own reference; drop reference=")
+    adapter = _adapter(model, framework)
+    if adapter is None or model is None:
+        raise UsageError(f"{label}: loading from a live model needs the target: pass model=your_model")
+    if model is source:
+        raise UsageError(f"{label}: the source and the target are the same model object")
+    _check_adapter_args(adapter, dtype=dtype, device=device)
+    from .layout import to_canonical
+
+    reader, src_spec = live_reader(src_adapter, source)
+    model_spec = adapter.spec(model)
+    plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=source, example_inputs=example_inputs,
+                     probe=None, verify=verify, label=label, ref_adapter=src_adapter, ref_spec=src_spec)
+    ckpt = to_canonical(reader.tensors(), "torch", rename=tuple(rename))
+    report = compat_check(ckpt, model_spec, exclude=tuple(exclude), strict=strict, source=label,
+                          target=type(model).__name__)
+    review(plan, report, src_adapter.native_layout)
+    if not keep:  # check(): copy, verify and restore only when a load would be allowed
+        if report.ok and plan.verify:
+            _trial_apply(plan, adapter, model, report, reader, model_spec)
+        return model, report
+    report.raise_if_incompatible(strict)
+    _apply(plan, adapter, model, report, reader, dtype=dtype, device=device, model_spec=model_spec)
+    model = adapter.place(model, device)
+    _freeze(adapter, model, report, freeze, label)
+    return (model, report) if return_report else model

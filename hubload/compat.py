@@ -106,11 +106,22 @@ class CompatReport:
     replaced: list[str] = field(default_factory=list)
     prefix_changes: list[str] = field(default_factory=list)
     strict: bool = True
+    # Behaviour (see hubload.behaviour): layer differences from a reference, known traps, numeric verification.
+    behaviour: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    verification: Any = None
 
     @property
     def ok(self) -> bool:
-        """No missing, unexpected, shape-mismatched or value-destroying-cast tensors."""
-        return not (self.missing or self.unexpected or self.shape_mismatches or self.unsafe_casts)
+        """No missing, unexpected, shape-mismatched or value-destroying-cast tensors, no behaviour difference
+        and no failed verification."""
+        return not (self.missing or self.unexpected or self.shape_mismatches or self.unsafe_casts
+                    or self.behaviour or self._verification_failed)
+
+    @property
+    def _verification_failed(self) -> bool:
+        """A verification ran and failed."""
+        return self.verification is not None and not self.verification.passed
 
     # ------------------------------------------------------------------------------ serialisation
 
@@ -147,6 +158,9 @@ class CompatReport:
             "replaced": list(self.replaced),
             "matched": [{**asdict(m), "transform": m.transform.to_dict() if m.transform else None}
                         for m in self.matched],
+            "behaviour": [asdict(b) for b in self.behaviour],
+            "warnings": list(self.warnings),
+            "verification": self.verification.to_dict() if self.verification is not None else None,
         }
         return conv(d)
 
@@ -173,6 +187,7 @@ class CompatReport:
             replaced=list(data.get("replaced", [])),
             prefix_changes=list(data.get("prefix_changes", [])),
             strict=bool(data.get("strict", True)),
+            **_behaviour_from_dict(data),
         )
 
     # ---------------------------------------------------------------------------------- rendering
@@ -181,7 +196,9 @@ class CompatReport:
         """One line: status and counts."""
         problems = []
         for n, word in ((len(self.shape_mismatches), "shape mismatch"), (len(self.missing), "missing"),
-                        (len(self.unexpected), "unexpected"), (len(self.unsafe_casts), "unsafe cast")):
+                        (len(self.unexpected), "unexpected"), (len(self.unsafe_casts), "unsafe cast"),
+                        (len(self.behaviour), "behaviour difference"),
+                        (int(self._verification_failed), "failed verification")):
             if n:
                 problems.append(f"{n} {word}{'es' if word.endswith('ch') and n != 1 else ''}")
         status = "OK" if self.ok else "INCOMPATIBLE (" + ", ".join(problems) + ")"
@@ -221,6 +238,13 @@ class CompatReport:
                                    for m in self.shape_mismatches], ("key", "checkpoint", "model"))
         group("unsafe casts", [(c.key, f"{c.from_dtype} -> {c.to_dtype}") for c in self.unsafe_casts],
               ("key", "checkpoint -> model"), note="would destroy values (e.g. float -> int); refused")
+        group("behaviour differences", [(b.layer, b.attribute, f"reference: {b.reference}", f"target: {b.target}")
+                                        for b in self.behaviour],
+              note="the layers compute different things; refused")
+        if self.verification is not None:
+            lines.append("")
+            lines.append(self.verification.render())
+        group("warnings", [(w,) for w in self.warnings])
         group("missing", [(k,) for k in self.missing], note="in the model, not in the checkpoint")
         group("unexpected", [(k,) for k in self.unexpected], note="in the checkpoint, not in the model")
         if not problems_only:
@@ -249,15 +273,29 @@ class CompatReport:
             IncompatibleWeightsError: Carries this report as ``.report``.
         """
         strict = self.strict if strict is None else strict
-        if self.ok or (not strict and not self.shape_mismatches and not self.unsafe_casts):
+        if self.ok or (not strict and not self.shape_mismatches and not self.unsafe_casts and not self.behaviour
+                       and not self._verification_failed):
             return
-        if strict:
+        if self.behaviour and not (self.missing or self.unexpected or self.shape_mismatches or self.unsafe_casts):
+            hint = ("The model was left as it was. Build the target with the reference's settings for the layers "
+                    "named above (or fix the reference), then load again.")
+        elif strict:
             hint = ("Pass strict=False to load the matching tensors anyway, exclude=[...] to leave model "
                     "tensors alone, or replace=[...] for a new head.")
         else:
             hint = ("Shape mismatches are never skipped silently: exclude=[...] or replace=[...] "
                     "the tensors named above.")
         raise IncompatibleWeightsError(f"{self.render(problems_only=True)}\n{hint}", report=self)
+
+
+def _behaviour_from_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The behaviour fields of :meth:`CompatReport.from_dict`."""
+    from hubload.behaviour import Difference, Verification
+
+    ver = data.get("verification")
+    return {"behaviour": [Difference(**b) for b in data.get("behaviour", [])],
+            "warnings": list(data.get("warnings", [])),
+            "verification": Verification.from_dict(ver) if ver else None}
 
 
 # Casts that destroy values rather than round them: float -> int/bool, complex -> real, int -> bool.

@@ -13,7 +13,11 @@
     │   └── UnsafeCheckpointError             a checkpoint needs code execution to load
     │       └── UnsafeArchiveError            an archive member escapes its folder, is a link, or a bomb
     ├── IncompatibleWeightsError (ValueError) checkpoint and model do not fit (carries the report)
-    └── MissingDependencyError (ImportError)  an optional framework/extra is not installed
+    ├── MissingDependencyError (ImportError)  an optional framework/extra is not installed
+    └── UsageError (ValueError)               bad arguments or a bad combination of them (raised up front)
+
+Every error survives a pickle round trip with its type, message and attributes (errors cross
+torch.distributed ranks and process pools).
 
 Every message names the model ID, file or URL involved and says what to do next.
 """
@@ -37,11 +41,25 @@ __all__ = [
     "RegistryError",
     "UnsafeArchiveError",
     "UnsafeCheckpointError",
+    "UsageError",
 ]
+
+
+def _rebuild_error(cls: type, args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """Unpickle a hubload error without calling its ``__init__`` (whose keywords differ per class)."""
+    exc = cls.__new__(cls)
+    BaseException.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
 
 
 class HubloadError(Exception):
     """Base class of every error hubload raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default re-calls cls(*self.args), which breaks every subclass with keyword-only or extra
+        # constructor arguments (MissingDependencyError, UnsafeArchiveError ...): keep args and attributes.
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
 
 
 class _MessageOnlyError(HubloadError):
@@ -177,3 +195,10 @@ class MissingDependencyError(HubloadError, ImportError):
         msg = f"{what} needs an optional dependency that is not installed{': ' + detail if detail else ''}. " \
               f'Install it with: pip install "hubload[{extra}]"'
         super().__init__(msg)
+
+
+class UsageError(HubloadError, ValueError):
+    """hubload was called wrongly: an unknown option value, or arguments that contradict each other.
+
+    Raised before anything is downloaded or changed; the message names the argument and says what to pass.
+    """

@@ -68,6 +68,7 @@ _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _ENTRY_KEYS = {
     "source", "revision", "files", "format", "layout", "architecture", "config", "license",
     "description", "homepage", "head", "ignore", "rename", "key", "tags",
+    "probe",
 }
 _REQUIRED_KEYS = ("source", "files")
 _FILE_KEYS = {"path", "sha256", "sha256_prefix", "size"}
@@ -143,6 +144,7 @@ class ModelEntry:
     tags: tuple[str, ...] = ()
     registry_file: str | None = None
     base_dir: str | None = None
+    probe: Mapping[str, Any] | None = None  # seeded input + expected output digest (see hubload.probe)
 
     @property
     def scheme(self) -> str:
@@ -446,11 +448,19 @@ def _validate_entry(ctx: _Ctx, node: Node, base_dir: str | None) -> ModelEntry:
             return _str_list(ctx, items[name], name)
         return ()
 
+    probe = None
+    if "probe" in items and items["probe"].value is not None:
+        from .probe import validate_probe
+
+        pnode = items["probe"]
+        probe = validate_probe(plain(pnode), lambda msg, fld: ctx.fail(msg, field=fld, line=pnode.line))
+
     return ModelEntry(
         id=mid, source=source, files=files, format=fmt, layout=layout, revision=revision,
         architecture=arch, config=cfg, license=opt_str("license"), description=opt_str("description"),
         homepage=opt_str("homepage"), head=opt_list("head"), ignore=opt_list("ignore"), rename=tuple(rename),
         key=opt_str("key"), tags=opt_list("tags"), registry_file=ctx.file, base_dir=base_dir,
+        probe=probe,
     )
 
 

@@ -19,21 +19,43 @@ _FRAMEWORKS = click.Choice(["torch", "pt", "pytorch", "tf", "tensorflow", "keras
 @click.option("--num-classes", type=click.IntRange(1), default=None, help="Check with a re-sized head.")
 @click.option("--exclude", multiple=True, help="Glob of model tensors to leave alone (repeatable).")
 @click.option("--non-strict", is_flag=True, help="Only shape mismatches count as incompatible.")
+@click.option("--verify", "verify", is_flag=True,
+              help="Also load into the architecture and compare its output with the entry's probe (downloads).")
 def check_cmd(source: str, framework: str, registry: tuple[str, ...], as_json: bool, num_classes: int | None,
-              exclude: tuple[str, ...], non_strict: bool) -> None:
+              exclude: tuple[str, ...], non_strict: bool, verify: bool) -> None:
     """Compare SOURCE's checkpoint with its architecture, before downloading it when possible.
 
-    Exit 0 when compatible, 1 when not, 2 on other errors.
+    Prints the report, its warnings (known cross-framework traps, each naming the layer), the entry's probe
+    and, with --verify, the numeric verification against it. Exit 0 when compatible, 1 when not (or when the
+    verification failed), 2 on other errors.
     """
     from ..api import check
 
     report = check(source, framework=framework, registry=list(registry) or None, num_classes=num_classes,
-                   exclude=exclude, strict=not non_strict)
+                   exclude=exclude, strict=not non_strict, verify=True if verify else "auto")
     if as_json:
         click.echo(report.to_json(indent=2))
     else:
         click.echo(report.render())
-    sys.exit(0 if report.ok or (non_strict and not report.shape_mismatches) else 1)
+        _echo_probe(source, registry, report)
+    failed = report.verification is not None and not report.verification.passed
+    ok = report.ok or (non_strict and not report.shape_mismatches and not report.behaviour)
+    sys.exit(0 if ok and not failed else 1)
+
+
+def _echo_probe(source: str, registry: tuple[str, ...], report: object) -> None:
+    """One line about the registry entry's probe (whether it ran)."""
+    from ..errors import HubloadError
+    from ..registry import load_registry
+
+    try:
+        entry = load_registry(list(registry) or None).get(source)
+    except HubloadError:
+        return  # not a registry ID
+    if entry.probe is None:
+        return
+    ran = getattr(report, "verification", None) is not None
+    click.echo(f"probe: {entry.probe['reference']}" + ("" if ran else " (not run; pass --verify to run it)"))
 
 
 @click.command("inspect")

@@ -61,7 +61,7 @@ def info_cmd(model_id: str, registry: tuple[str, ...], as_json: bool) -> None:
         "layout": entry.layout, "pinning": pin, "pinned": entry.pinned, "weakly_pinned": entry.weakly_pinned,
         "architecture": dict(entry.architecture), "config": dict(entry.config), "license": entry.license,
         "description": entry.description, "homepage": entry.homepage, "head": list(entry.head),
-        "registry_file": entry.registry_file, "cached": cached is not None,
+        "registry_file": entry.registry_file, "cached": cached is not None, "probe": entry.probe,
         "files": [{"path": f.path, "sha256": f.sha256, "sha256_prefix": f.sha256_prefix, "size": f.size}
                   for f in entry.files],
     }
@@ -74,6 +74,12 @@ def info_cmd(model_id: str, registry: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"{key + ':':<15}{data[key]}")
     click.echo(f"{'frameworks:':<15}{', '.join(entry.frameworks()) or '-'}")
     click.echo(f"{'cached:':<15}{'yes' if cached else 'no'}")
+    if entry.probe is not None:
+        p = entry.probe
+        inp, out = p["input"], p["output"]
+        click.echo(f"{'probe:':<15}{p['reference']}")
+        click.echo(f"{'':<15}input {inp.get('dtype', 'float32')}{list(inp['shape'])} seed {inp.get('seed', 0)} -> "
+                   f"output {list(out['shape'])} norm {out.get('norm', '?')}")
     for f in entry.files:
         digest = f.sha256 or (f"{f.sha256_prefix}… (prefix only)" if f.sha256_prefix else "(Hub LFS sha256)")
         click.echo(f"  {f.path}  {human_size(f.size)}  sha256 {digest}")

@@ -477,6 +477,22 @@ def test_get_adapter_entry_point_fallback(tmp_path, monkeypatch):
         def spec(model): return {}
         def apply(model, report, reader, **options): pass
         def build(architecture, config): return None
+        # The rest of the Protocol (everything hubload.load/check use), so the fake is a complete adapter.
+        native_layout, native_formats, apply_options, dtype_policies = "torch", (), frozenset(), None
+        def build_scope(strategy): raise NotImplementedError
+        def place(model, device): return model
+        def freeze(model, names): pass
+        def restore_native(model, path, optimizer=None): raise NotImplementedError
+        def load_full(path): raise NotImplementedError
+        def describe(model, spec, inputs=None): return {}
+        def run(model, inputs, *, spec=None, record=False, values=None): return [], []
+        def checkpoint_values(model, report, reader, spec): return {}
+        def snapshot(model, names, spec): return None
+        def restore(model, snapshot): pass
+        def read_tensor(tensor): return None
+        def infer_inputs(model): return None
+        def to_native_inputs(model, inputs): return list(inputs)
+        def to_canonical_inputs(model, inputs): return list(inputs)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     ep = importlib.metadata.EntryPoint(name="fakefw", value="fake_fw_adapter", group="hubload.adapters")
