@@ -262,7 +262,7 @@ def run(model: Any, inputs: Sequence[Any], *, spec: Mapping[str, Any] | None = N
     Returns:
         ``(outputs, events)``.
     """
-    args = [np.asarray(x) for x in inputs]
+    args = [x if isinstance(x, Mapping) else np.asarray(x) for x in inputs]
 
     def call() -> Any:
         if values is None:
@@ -382,8 +382,29 @@ def infer_inputs(model: Any) -> list[Any] | None:
     return out
 
 
+# keras-hub text backbones take a dict of inputs where transformers models take token ids (and a mask whose
+# default is "attend to everything").
+_TEXT_INPUT_FILL = {"token_ids": None, "padding_mask": 1, "segment_ids": 0}
+
+
+def _dict_inputs(model: Any, inputs: Sequence[Any]) -> list[Any] | None:
+    """Token ids as a keras-hub backbone's input dict (``token_ids`` + default mask/segments), else None."""
+    struct = getattr(model, "_inputs_struct", None)
+    if not isinstance(struct, Mapping) or "token_ids" not in struct or len(inputs) != 1:
+        return None
+    ids = np.asarray(inputs[0])
+    if ids.dtype.kind not in "iu" or not set(struct) <= set(_TEXT_INPUT_FILL):
+        return None
+    return [{k: ids if fill is None else np.full(ids.shape, fill, dtype=ids.dtype)
+             for k, fill in _TEXT_INPUT_FILL.items() if k in struct}]
+
+
 def to_native_inputs(model: Any, inputs: Sequence[Any]) -> list[Any]:
-    """Canonical (channels-first) inputs in the Keras convention: images NCHW -> NHWC."""
+    """Canonical (channels-first) inputs in the Keras convention: images NCHW -> NHWC, token ids -> the dict a
+    keras-hub text backbone takes."""
+    as_dict = _dict_inputs(model, inputs)
+    if as_dict is not None:
+        return as_dict
     move = _channels_last_images(model)
     return [np.moveaxis(np.asarray(x), 1, -1) if move and np.asarray(x).ndim >= 3 and
             np.asarray(x).dtype.kind == "f" else np.asarray(x) for x in inputs]

@@ -46,9 +46,9 @@ def measure(fw: str, runs: int, prebuilt: bool) -> dict[str, Any]:
 
     reg = _registry()
     if fw == "torch":
-        from hubload.adapters.zoo_torch import bert
+        from hubload.zoo.torch_models import bert
     else:
-        from hubload.adapters.zoo_keras import bert
+        from hubload.zoo.keras_models import bert
     cfg = dict(reg.get("minilm-bench").config)
     model = bert(**cfg)
     plain, verified = [], []

@@ -18,6 +18,8 @@ EXAMPLES = {
     "ModelNotFoundError": lambda: errors.ModelNotFoundError("unknown model 'x'", model_id="x", suggestions=["y"]),
     "DownloadError": lambda: errors.DownloadError("reset", url="https://h/f", model_id="m"),
     "HashMismatchError": lambda: errors.HashMismatchError("bad bytes", url="u", expected="aa", actual="bb", path="p"),
+    "AccessDeniedError": lambda: errors.AccessDeniedError("gated repo, no token", url="https://h/api/models/o/n"),
+    "NoWeightsError": lambda: errors.NoWeightsError("no weight file in o/n", model_id="o/n"),
     "OfflineError": lambda: errors.OfflineError("offline miss", url="u"),
     "CacheError": lambda: errors.CacheError("read-only cache"),
     "CheckpointError": lambda: errors.CheckpointError("truncated"),

@@ -183,7 +183,7 @@ def test_bad_usage_raises_usage_error():
 
 def test_resnet18_twins_load_live_without_false_alarm():
     """A realistic pair: torch padding=1 convs vs Keras ZeroPadding inside a Conv2D subclass, max pool, BN."""
-    from hubload.adapters import zoo_keras, zoo_torch
+    from hubload.zoo import keras_models as zoo_keras, torch_models as zoo_torch
 
     src = zoo_torch.resnet18(num_classes=10).eval()
     _, report = hubload.load(src, model=zoo_keras.resnet18(num_classes=10), return_report=True)

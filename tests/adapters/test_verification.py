@@ -53,7 +53,7 @@ def test_minilm_probe_computed_with_transformers_passes(fw, minilm_registry):
 
 
 def test_a_model_that_computes_differently_fails_the_probe_and_is_rolled_back():
-    from hubload.adapters.zoo_torch import MLP
+    from hubload.zoo.torch_models import MLP
 
     class TanhMLP(MLP):
         def forward(self, x):
