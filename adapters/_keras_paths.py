@@ -74,11 +74,12 @@ def _unique(name: str, used: dict[str, int]) -> str:
     return name
 
 
-def walk(model: Any) -> list[KerasEntry]:
+def walk(model: Any, layers: list[tuple[Any, tuple[str, ...]]] | None = None) -> list[KerasEntry]:
     """Every value the model's saveables save, in saving_lib order, with structural and canonical paths.
 
     Args:
         model: A built Keras layer or model.
+        layers: If given, every visited saveable is appended as ``(object, canonical segments)``.
 
     Returns:
         The entries (weights, seed-generator state, optimizer variables ...), each saved object once.
@@ -107,6 +108,8 @@ def walk(model: Any) -> list[KerasEntry]:
             return
         own(obj, inner, segs)
         visited.add(id(obj))
+        if layers is not None:
+            layers.append((obj, segs))
         functional = obj._obj_type() in ("Sequential", "Functional")
         for attr, child in _walk_saveable(obj):
             path = f"{inner}/{attr}" if inner else attr

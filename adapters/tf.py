@@ -51,7 +51,7 @@ from hubload.errors import (
     RegistryError,
     UnsafeCheckpointError,
 )
-from hubload.keras_layers import GroupRule, leaf_transform, rnn_group_for, spec_for_mro
+from hubload.keras_layers import GroupRule, name_leaf, rnn_group_for, spec_for_mro
 from hubload.layout import TF_VARIABLE_SUFFIX, apply_transform, to_canonical
 
 __all__ = [
@@ -398,7 +398,8 @@ def spec(model: Any) -> dict[str, ModelTensor]:
     """
     _require_built(model)
     weights = {id(v): v for v in model.weights}
-    entries = walk(model)
+    visited: list[tuple[Any, tuple[str, ...]]] = []
+    entries = walk(model, visited)
     saved = {id(e.value) for e in entries}
     if any(i not in saved for i in weights):  # weights saving_lib skips (a sublayer called "output")
         entries += [e for e in attribute_entries(model) if id(e.value) in weights and id(e.value) not in saved]
@@ -416,14 +417,12 @@ def spec(model: Any) -> dict[str, ModelTensor]:
                                f"map to canonical name {t.name!r}")
         out[t.name] = t
 
-    mha_prefixes: list[str] = []
+    mha_prefixes = [".".join(segs) for obj, segs in visited if "MultiHeadAttention" in _mro_names(obj)]
     for oid, group in by_owner.items():
         owner = owners[oid]
         mro = _mro_names(owner)
         layer_spec = spec_for_mro(mro)
         segs = group[0].segments
-        if "MultiHeadAttention" in mro:
-            mha_prefixes.append(".".join(segs))
         own = [e for e in group if id(e.value) in weights]
         for e in group:
             if id(e.value) not in weights and isinstance(e.value, keras.Variable):
@@ -454,10 +453,7 @@ def spec(model: Any) -> dict[str, ModelTensor]:
         facts = _einsum_facts(owner) if "EinsumDense" in mro else {}
         for e in own:
             shape = shapes[e.leaf]
-            leaf_rule = layer_spec.leaves.get(e.leaf) if layer_spec is not None else None
-            fwd = leaf_transform(leaf_rule, shape, facts) if leaf_rule is not None else None
-            cleaf = leaf_rule[0] if leaf_rule is not None else e.leaf
-            rule_name = leaf_rule[1] if leaf_rule is not None and (fwd is not None or leaf_rule[0] != e.leaf) else None
+            cleaf, fwd, rule_name = name_leaf(layer_spec, e.leaf, shape, facts)
             name = ".".join((*e.segments, cleaf))
             cshape = fwd.out_shape(shape) if fwd is not None else shape
             add(ModelTensor(name, cshape, canonical_dtype(e.value.dtype), "/".join((*e.segments, e.leaf)),
@@ -585,6 +581,14 @@ class _Spool:
         self._file.close()
 
 
+def _after_load(model: Any, assigned: set[int]) -> None:
+    """Run the specs' ``after_load`` hooks of layers whose variables were assigned."""
+    for layer in model._flatten_layers(include_self=True):
+        layer_spec = spec_for_mro(_mro_names(layer))
+        if layer_spec is not None and layer_spec.after_load and any(id(w) in assigned for w in layer.weights):
+            getattr(layer, layer_spec.after_load)()
+
+
 def _keras_shape(target: ModelTensor) -> tuple[int, ...]:
     """The Keras shape a canonical tensor takes (its variable's shape)."""
     return target.transform.out_shape(target.shape) if target.transform is not None else tuple(target.shape)
@@ -675,6 +679,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     spool = _Spool() if rollback else None
     pending: dict[int, dict[str, np.ndarray]] = {}
     assigned = 0
+    assigned_ids: set[int] = set()
     try:
         with _strategy_scope(model):
             for m, target in plan:
@@ -698,7 +703,9 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
                     if spool is not None:
                         spool.save(var)
                     var.assign(_owned_tensor(value, numpy_dtype(canonical_dtype(var.dtype))))
+                    assigned_ids.add(id(var))
                     assigned += 1
+            _after_load(model, assigned_ids)
     except (OSError, ValueError, MemoryError, CheckpointError, tf.errors.OpError) as exc:
         if spool is not None:
             spool.restore(model)

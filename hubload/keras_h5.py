@@ -22,7 +22,7 @@ from hubload.keras_layers import (
     LayerSpec,
     container_segments,
     functional_segments,
-    leaf_transform,
+    name_leaf,
     rnn_group_for,
     snake_case,
     spec_for_snake,
@@ -226,10 +226,7 @@ class KerasWeightsReader(ReaderBase):
                     self._virtual[name] = (rule, sources, cleaf)
                 return
         for i, (leaf, ds, shape) in enumerate(zip(leaves, datasets, shapes)):
-            leaf_rule = spec.leaves.get(leaf) if (known and spec is not None) else None
-            fwd = leaf_transform(leaf_rule, shape, facts) if leaf_rule is not None else None
-            cleaf = leaf_rule[0] if leaf_rule is not None else leaf
-            rule = leaf_rule[1] if leaf_rule is not None and (fwd is not None or cleaf != leaf) else None
+            cleaf, fwd, rule = name_leaf(spec if known else None, leaf, shape, facts)
             self._add(f"{base}/{i}", ds, ".".join([*segs, cleaf]), fwd, rule)
             if spec is not None:
                 self.layer_kinds[f"{base}/{i}"] = snake_case(spec.keras_class)

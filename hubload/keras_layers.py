@@ -38,6 +38,7 @@ __all__ = [
     "einsum_kernel_transform",
     "functional_segments",
     "leaf_transform",
+    "name_leaf",
     "rnn_group_for",
     "snake_case",
     "spec_for_class",
@@ -113,6 +114,26 @@ def leaf_transform(rule: LeafRule, shape: Sequence[int], facts: Mapping[str, Any
     """The keras -> canonical transform of one leaf rule for a variable of ``shape``."""
     fn = rule[2]
     return fn(shape, facts) if fn is not None else None
+
+
+# Rules whose transform is the whole point: when it cannot be built (an EinsumDense kernel whose equation a
+# file does not carry, a PReLU alpha not shared over the spatial axes), the variable keeps its Keras name.
+_NEEDS_TRANSFORM = frozenset({"dense-kernel", "conv-kernel", "einsum-kernel", "prelu-alpha"})
+
+
+def name_leaf(spec: LayerSpec | None, leaf: str, shape: Sequence[int], facts: Mapping[str, Any]
+              ) -> tuple[str, Transform | None, str | None]:
+    """Canonical leaf, keras -> canonical transform and rule name of one variable of a layer of ``spec``.
+
+    Both the adapter (live layer) and the ``.weights.h5`` reader (file) call this, so they name alike.
+    """
+    rule = spec.leaves.get(leaf) if spec is not None else None
+    if rule is None:
+        return leaf, None, None
+    fwd = leaf_transform(rule, shape, facts)
+    if fwd is None and rule[1] in _NEEDS_TRANSFORM:
+        return leaf, None, None
+    return rule[0], fwd, rule[1] if (fwd is not None or rule[0] != leaf) else None
 
 
 # ------------------------------------------------------------------------------------ group rules
@@ -299,6 +320,8 @@ class LayerSpec:
         leaves: Keras leaf -> (canonical leaf, rule name, transform builder).
         children: Attribute -> (child class, facts) for sublayers whose class a file cannot tell.
         group: True for cells converted as a group (:func:`rnn_group_for`).
+        after_load: Method to call once the layer's variables are assigned (``Normalization`` caches its
+            mean/variance in ``finalize_state``, as its own ``load_own_variables`` does).
     """
 
     keras_class: str
@@ -306,6 +329,7 @@ class LayerSpec:
     leaves: Mapping[str, LeafRule] = field(default_factory=dict)
     children: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
     group: bool = False
+    after_load: str | None = None
 
 
 def _einsum_kernel(shape: Sequence[int], facts: Mapping[str, Any]) -> Transform | None:
@@ -345,7 +369,8 @@ KERAS_LAYER_SPECS: dict[str, LayerSpec] = {s.keras_class: s for s in (
     LayerSpec("RMSNormalization", ("scale",), {"scale": ("weight", "rms-scale", None)}),
     LayerSpec("PReLU", ("alpha",), {"alpha": ("weight", "prelu-alpha", lambda s, f: _prelu(s))}),
     LayerSpec("Normalization", ("mean", "variance", "count"),
-              {"mean": ("mean", None, None), "variance": ("variance", None, None), "count": ("count", None, None)}),
+              {"mean": ("mean", None, None), "variance": ("variance", None, None), "count": ("count", None, None)},
+              after_load="finalize_state"),
     LayerSpec("MultiHeadAttention", (), children={"query_dense": _QKV, "key_dense": _QKV, "value_dense": _QKV,
                                                   "output_dense": ("EinsumDense", {"n_in": -1})}),
     LayerSpec("LSTMCell", ("kernel", "recurrent_kernel", "bias"), group=True),
