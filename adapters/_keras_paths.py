@@ -19,6 +19,7 @@ state but not weights (seed generators, optimizer and metric variables) are retu
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -56,6 +57,9 @@ class KerasEntry:
     segments: tuple[str, ...]
     key: str
     leaf: str
+
+
+_AUTO_VARIABLE = re.compile(r"variable(_\d+)?")
 
 
 class _Recorder(dict):
@@ -101,6 +105,8 @@ def walk(model: Any, layers: list[tuple[Any, tuple[str, ...]]] | None = None) ->
         for key, value in store.items():
             leaf = getattr(value, "name", None) if isinstance(value, keras.Variable) else None
             leaf = (leaf or key).rsplit("/", 1)[-1]
+            if _AUTO_VARIABLE.fullmatch(leaf):  # add_weight() without a name: "variable_18" differs per instance
+                leaf = key
             out.append(KerasEntry(value, obj, f"{inner}/vars/{key}" if inner else f"vars/{key}", segs, key, leaf))
 
     def visit(obj: Any, inner: str, segs: tuple[str, ...]) -> None:
