@@ -366,9 +366,16 @@ def import_time(ctx: Ctx) -> list[Row]:
                 raw={"hubload": hub, "baseline": base, "heavy": heavy})]
 
 
+def keras_stream(ctx: Ctx) -> list[Row]:
+    """(10) streaming Keras load: peak RSS growth vs the checkpoint and time per GiB (bench/keras_stream.py)."""
+    import keras_stream as ks  # bench/ is on sys.path when run as a script
+
+    return ks.rows(ctx)
+
+
 SCENARIOS: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
     ("1", cold_pull), ("2", cold_pull_slow), ("3", sharded), ("4", warm_hit), ("5", load_torch), ("6", load_keras),
-    ("7", meta_rss), ("8", check_command), ("9", import_time),
+    ("7", meta_rss), ("8", check_command), ("9", import_time), ("10", keras_stream),
 ]
 
 
