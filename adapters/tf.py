@@ -3,14 +3,14 @@
 Protocol (shared with :mod:`hubload.adapters.torch`, see :mod:`hubload.adapters`):
 
 * :func:`owns` – ``isinstance(model, keras.layers.Layer)`` (``keras.Model`` included).
-* :func:`spec` – the model's variables by their natural paths
-  (:func:`~hubload.adapters._keras_paths.keras_variable_paths`: ``dense1/kernel`` for subclassed
-  models, layer names for functional/Sequential ones), translated to canonical names and shapes with
-  :mod:`hubload.layout`'s rule table (``dense1/kernel`` ``[in, out]`` -> ``dense1.weight``
-  ``[out, in]``). Each entry keeps the variable and the canonical -> Keras transform.
-* :func:`apply` – converts every matched tensor first (checkpoint -> canonical transform from the
-  report, canonical -> Keras transform, cast), then assigns them all in one pass, inside the model's
-  distribution strategy scope when it has one.
+* :func:`spec` – every variable of ``model.weights``, named by the model's structure as Keras' saving_lib
+  walks it (:func:`~hubload.adapters._keras_paths.walk`: attribute paths, list positions, layer names that
+  are not auto-generated) and translated by its layer class's spec in :mod:`hubload.keras_layers`
+  (``dense1/kernel`` ``[in, out]`` -> ``dense1.weight`` ``[out, in]``; an LSTM cell -> ``weight_ih_l0`` ...).
+  Entries keep the variable, the canonical -> Keras transform, the ``.weights.h5`` path (``structural``),
+  the N-to-M group they belong to, or the reason a non-weight state is ignored.
+* :func:`apply` – checks every matched tensor from metadata, then reads, converts and assigns one tensor
+  (or group) at a time, spooling each variable's old value to a temporary file for the rollback.
 * :func:`build` – ``"package.module:callable"`` + config, returning a built model.
 * :func:`freeze` (extra, used by ``hubload.load(freeze=...)``) – ``variable.trainable = False`` by name.
 

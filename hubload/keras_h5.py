@@ -87,21 +87,22 @@ def _counter(key: str) -> tuple[str, int]:
 class KerasWeightsReader(ReaderBase):
     """A Keras 3 ``.weights.h5`` file (also the legacy Keras 2 ``.h5`` weight layout), via h5py.
 
-    Keras 3 stores ``<attribute or container path>/vars/<index>``; the variable names are dropped.
-    Tensor names here are ``<layer path>/<leaf>``, where ``<leaf>`` comes from :data:`KERAS_VAR_ORDER`
-    when the layer class is knowable (from a container key like ``dense_1`` or the stored layer name),
-    else ``kernel``/``bias`` for a (rank >= 2, rank-1) pair, else the index itself.
+    Keras 3 stores ``<attribute or container path>/vars/<index>``; the variable names are dropped. Tensors are
+    named by that dataset path (``layers/dense_1/vars/0``), which a model's spec also carries, so loading into a
+    model pairs them exactly. Each also gets the canonical name its structure gives
+    (:class:`KerasTensorInfo`): segments as :func:`hubload.keras_layers.functional_segments` /
+    :func:`~hubload.keras_layers.container_segments` say, leaves by the layer class's spec, the class read
+    from the container key, the parent's spec (MultiHeadAttention's ``query_dense``, an RNN's ``cell``) or an
+    auto-generated stored name. An RNN cell becomes its torch tensors (``weight_ih_l0`` ...), computed on read.
 
-    Limits: layers of classes missing from the table (RNNs, attention, custom layers) keep index leaves;
-    a subclassed model's layer stored under an attribute with a renamed class (``name="enc"``) is
-    inferred from its shapes only; a BatchNormalization without ``center``/``scale`` keeps indexes.
-    Registry rename rules handle the rest.
+    Limits (without the model): a layer of unknown class (explicitly named attribute, custom class) keeps
+    guessed leaves (``kernel``/``bias`` by shape, else indexes) in the Keras layout; a list of mixed classes
+    keeps Keras' class-name counters; a subclassed model's sublayers that Keras stores under ``layers/`` lose
+    their attribute names. The legacy Keras 2 ``.h5`` layout names datasets by their stored weight names.
 
     Args:
         path: The ``.weights.h5`` / ``.h5`` file.
-        layer_names: Replace the ``layers/<class key>`` segments Keras writes for functional/Sequential
-            models by the stored layer names (``layers/dense_1`` -> ``d1``), which is how hubload names
-            such models' variables. False keeps the raw HDF5 paths.
+        layer_names: Kept for compatibility; tensors are always named by their dataset path.
 
     Attributes:
         sources: Tensor name -> HDF5 dataset path.
