@@ -74,6 +74,14 @@ class ModelTensor:
         transform: Canonical -> native re-layout (None = same layout).
         rule: The layout rule that fired, if any.
         handle: The live parameter/variable (not compared, not shown).
+        structural: The framework's storage path of the tensor, if it has one (a Keras ``.weights.h5``
+            dataset path, ``layers/dense_1/vars/0``): a checkpoint tensor stored there fills it even when
+            the canonical names differ.
+        group: For a member of an N-to-M conversion (an LSTM's ``bias_ih_l0`` and ``bias_hh_l0`` are one
+            Keras ``bias``): the object that converts the whole group (``handle``/``transform`` are None).
+        alternative: Another canonical form this tensor may take with its siblings (a MultiHeadAttention's
+            separate q/k/v weights as ``in_proj_weight``); the checker picks the form the checkpoint has.
+        ignored: Set for saved state that is not a weight (a seed generator): why it is left alone.
     """
 
     name: str
@@ -83,6 +91,10 @@ class ModelTensor:
     transform: Any = None
     rule: str | None = None
     handle: Any = field(default=None, compare=False, repr=False)
+    structural: str | None = None
+    group: Any = field(default=None, compare=False, repr=False)
+    alternative: Any = field(default=None, compare=False, repr=False)
+    ignored: str | None = None
 
 
 @runtime_checkable

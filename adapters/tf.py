@@ -3,14 +3,14 @@
 Protocol (shared with :mod:`hubload.adapters.torch`, see :mod:`hubload.adapters`):
 
 * :func:`owns` – ``isinstance(model, keras.layers.Layer)`` (``keras.Model`` included).
-* :func:`spec` – the model's variables by their natural paths
-  (:func:`~hubload.adapters._keras_paths.keras_variable_paths`: ``dense1/kernel`` for subclassed
-  models, layer names for functional/Sequential ones), translated to canonical names and shapes with
-  :mod:`hubload.layout`'s rule table (``dense1/kernel`` ``[in, out]`` -> ``dense1.weight``
-  ``[out, in]``). Each entry keeps the variable and the canonical -> Keras transform.
-* :func:`apply` – converts every matched tensor first (checkpoint -> canonical transform from the
-  report, canonical -> Keras transform, cast), then assigns them all in one pass, inside the model's
-  distribution strategy scope when it has one.
+* :func:`spec` – every variable of ``model.weights``, named by the model's structure as Keras' saving_lib
+  walks it (:func:`~hubload.adapters._keras_paths.walk`: attribute paths, list positions, layer names that
+  are not auto-generated) and translated by its layer class's spec in :mod:`hubload.keras_layers`
+  (``dense1/kernel`` ``[in, out]`` -> ``dense1.weight`` ``[out, in]``; an LSTM cell -> ``weight_ih_l0`` ...).
+  Entries keep the variable, the canonical -> Keras transform, the ``.weights.h5`` path (``structural``),
+  the N-to-M group they belong to, or the reason a non-weight state is ignored.
+* :func:`apply` – checks every matched tensor from metadata, then reads, converts and assigns one tensor
+  (or group) at a time, spooling each variable's old value to a temporary file for the rollback.
 * :func:`build` – ``"package.module:callable"`` + config, returning a built model.
 * :func:`freeze` (extra, used by ``hubload.load(freeze=...)``) – ``variable.trainable = False`` by name.
 
@@ -29,10 +29,12 @@ Importing this module imports tensorflow and keras; that is the opt-in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pathlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -40,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from hubload.adapters import ModelTensor, _nothing_loaded_error, call_architecture
-from hubload.adapters._keras_paths import keras_variable_owners
+from hubload.adapters._keras_paths import attribute_entries, walk
 from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype, numpy_dtype, to_numpy
 from hubload.errors import (
     CheckpointError,
@@ -49,14 +51,8 @@ from hubload.errors import (
     RegistryError,
     UnsafeCheckpointError,
 )
-from hubload.layout import (
-    KERAS_LAYER_RULES,
-    TF_VARIABLE_SUFFIX,
-    apply_transform,
-    keras_name_to_canonical,
-    layer_kind,
-    to_canonical,
-)
+from hubload.keras_layers import GroupRule, name_leaf, rnn_group_for, spec_for_mro
+from hubload.layout import TF_VARIABLE_SUFFIX, apply_transform, to_canonical
 
 __all__ = [
     "TFCheckpointReader",
@@ -243,38 +239,237 @@ def _require_built(model: Any) -> None:
                            "e.g. call it once on a sample input (model(x)) or model.build(input_shape)")
 
 
-def _known_layer_class(layer: Any) -> str | None:
-    """The nearest class in the layer's MRO that the layout table knows (subclasses of Conv2D included)."""
-    for cls in type(layer).__mro__:
-        if layer_kind(cls.__name__) in KERAS_LAYER_RULES:
-            return cls.__name__
-    return None
+def _mro_names(layer: Any) -> list[str]:
+    """Class names of a layer's MRO, most derived first."""
+    return [cls.__name__ for cls in type(layer).__mro__]
+
+
+def _einsum_facts(layer: Any) -> dict[str, Any]:
+    """Kernel axes an EinsumDense contracts with its input, read from its equation."""
+    equation = getattr(layer, "equation", None)
+    if not isinstance(equation, str) or "->" not in equation or "," not in equation:
+        return {}
+    lhs, out = equation.replace("...", "").split("->")
+    kernel = lhs.split(",")[1]
+    return {"in_axes": tuple(i for i, ch in enumerate(kernel) if ch not in out)}
+
+
+_NON_WEIGHT_REASONS = (("SeedGenerator", "random-seed state, not a weight"),
+                       ("BaseOptimizer", "optimizer state, not a model weight"),
+                       ("Metric", "metric state, not a model weight"))
+
+
+def _non_weight_reason(owner: Any) -> str:
+    """Why a saved variable that is not in ``model.weights`` is left alone."""
+    names = _mro_names(owner)
+    for cls, reason in _NON_WEIGHT_REASONS:
+        if cls in names:
+            return reason
+    return "saved state that is not in model.weights"
+
+
+@dataclass(eq=False)
+class GroupBinding:
+    """A group rule bound to one layer's variables: canonical members <-> Keras variables (N to M).
+
+    Attributes:
+        rule: The :class:`~hubload.keras_layers.GroupRule`.
+        variables: Keras leaf -> variable.
+        members: Canonical leaf -> full canonical name.
+        layer: Canonical module path of the layer, for messages.
+    """
+
+    rule: GroupRule
+    variables: dict[str, Any]
+    members: dict[str, str]
+    layer: str
+
+    @property
+    def keras_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Keras leaf -> variable shape."""
+        return {k: tuple(int(d) for d in v.shape) for k, v in self.variables.items()}
+
+    def to_keras(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Canonical arrays (by full name) -> Keras arrays (by leaf)."""
+        by_leaf = {leaf: arrays[name] for leaf, name in self.members.items()}
+        return self.rule.to_keras(by_leaf, self.keras_shapes)
+
+
+@dataclass(eq=False)
+class Alternative:
+    """Another canonical form of some model tensors (MultiHeadAttention packed as ``in_proj_weight``).
+
+    :func:`hubload.compat.check` swaps the tensors in ``replaces`` for ``tensors`` when the checkpoint has
+    every name of ``tensors`` and none of ``replaces``.
+    """
+
+    replaces: tuple[str, ...]
+    tensors: dict[str, ModelTensor]
+
+
+@dataclass(frozen=True)
+class _PackedAttention(GroupRule):
+    """Separate q/k/v Linear weights (canonical, ``[HD, E]``) <-> ``nn.MultiheadAttention``'s packed form."""
+
+    name: str = "mha-packed"
+
+    def to_keras(self, canonical: Mapping[str, Any], keras_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        w = np.asarray(canonical["in_proj_weight"])
+        b = np.asarray(canonical["in_proj_bias"]) if "in_proj_bias" in canonical else None
+        ws, bs = np.split(w, 3, axis=0), (np.split(b, 3, axis=0) if b is not None else (None,) * 3)
+        out: dict[str, Any] = {}
+        for role, wi, bi in zip(("query", "key", "value"), ws, bs):
+            out[f"{role}_dense.weight"] = wi
+            if bi is not None:
+                out[f"{role}_dense.bias"] = bi
+        out["output_dense.weight"] = canonical["out_proj.weight"]
+        if "out_proj.bias" in canonical:
+            out["output_dense.bias"] = canonical["out_proj.bias"]
+        return out
+
+
+def _packed_attention(prefix: str, out: Mapping[str, ModelTensor]) -> Alternative | None:
+    """The ``nn.MultiheadAttention`` form of a MultiHeadAttention's separate q/k/v tensors, if it has one."""
+    p = f"{prefix}." if prefix else ""
+    names = {f"{r}_dense.{leaf}": f"{p}{r}_dense.{leaf}" for r in ("query", "key", "value", "output")
+             for leaf in ("weight", "bias")}
+    have = {k: out[v] for k, v in names.items() if v in out}
+    w = [have.get(f"{r}_dense.weight") for r in ("query", "key", "value")]
+    o = have.get("output_dense.weight")
+    if any(x is None for x in w) or o is None or len({x.shape for x in w}) != 1:
+        return None
+    hd, e = w[0].shape
+    if hd != e or o.shape != (e, hd):  # nn.MultiheadAttention packs only when kdim == vdim == embed_dim
+        return None
+    with_bias = all(f"{r}_dense.bias" in have for r in ("query", "key", "value"))
+    members = {"in_proj_weight": f"{p}in_proj_weight", "out_proj.weight": f"{p}out_proj.weight"}
+    if with_bias:
+        members["in_proj_bias"] = f"{p}in_proj_bias"
+    if "output_dense.bias" in have:
+        members["out_proj.bias"] = f"{p}out_proj.bias"
+    binding = _PackedBinding(_PackedAttention(), {k: v for k, v in have.items()}, members, prefix)
+    shapes = {"in_proj_weight": (3 * hd, e), "in_proj_bias": (3 * hd,), "out_proj.weight": (e, hd),
+              "out_proj.bias": (e,)}
+    dtype = w[0].dtype
+    tensors = {full: ModelTensor(full, shapes[leaf], dtype, f"{prefix or '<root>'} (packed attention)",
+                                 rule="mha-packed", group=binding) for leaf, full in members.items()}
+    return Alternative(tuple(names[k] for k in have), tensors)
+
+
+@dataclass(eq=False)
+class _PackedBinding(GroupBinding):
+    """The packed attention rule bound to the separate tensors' model specs."""
+
+    def to_keras(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        by_leaf = {leaf: arrays[name] for leaf, name in self.members.items()}
+        return self.rule.to_keras(by_leaf, {})
+
+    def assignments(self, arrays: Mapping[str, np.ndarray]) -> list[tuple[Any, np.ndarray, str]]:
+        """(variable, Keras array, name) for each separate tensor."""
+        out = []
+        for sep_leaf, arr in self.to_keras(arrays).items():
+            target: ModelTensor = self.variables[sep_leaf]
+            out.append((target.handle, apply_transform(arr, target.transform), target.name))
+        return out
 
 
 def spec(model: Any) -> dict[str, ModelTensor]:
-    """The model's variables as canonical tensor specs.
+    """The model's variables as canonical tensor specs, named by the model's structure.
+
+    Every variable in ``model.weights`` is in the result, named as :func:`~hubload.adapters._keras_paths.walk`
+    says (attribute paths, list indices, layer names that are not auto-generated) and translated by its layer
+    class's spec in :mod:`hubload.keras_layers` (``dense1/kernel [in, out]`` -> ``dense1.weight [out, in]``;
+    an LSTM cell's three variables -> ``weight_ih_l0``/``weight_hh_l0``/``bias_ih_l0``/``bias_hh_l0``).
+    Saved state that is not a weight (seed generators, optimizer and metric variables) is in the result too,
+    with ``ignored`` set to the reason, so the report lists it.
 
     Args:
         model: A built Keras model or layer.
 
     Returns:
-        Canonical name -> :class:`~hubload.adapters.ModelTensor` (``native``: Keras path, ``handle``:
-        the variable, ``transform``: canonical -> Keras).
+        Canonical name -> :class:`~hubload.adapters.ModelTensor` (``native``: Keras path, ``structural``: the
+        ``.weights.h5`` dataset path, ``handle``: the variable, ``transform``: canonical -> Keras; members of
+        an N-to-M group carry ``group`` instead of a handle/transform; ``alternative``: another canonical
+        form those tensors may take).
 
     Raises:
-        HubloadError: The model is not built, or two variables map to one canonical name.
+        HubloadError: The model is not built, a weight cannot be placed (named by its path), or two
+            variables map to one canonical name.
     """
     _require_built(model)
+    weights = {id(v): v for v in model.weights}
+    visited: list[tuple[Any, tuple[str, ...]]] = []
+    entries = walk(model, visited)
+    saved = {id(e.value) for e in entries}
+    if any(i not in saved for i in weights):  # weights saving_lib skips (a sublayer called "output")
+        entries += [e for e in attribute_entries(model) if id(e.value) in weights and id(e.value) not in saved]
+    by_owner: dict[int, list[Any]] = {}
+    owners: dict[int, Any] = {}
+    for e in entries:
+        by_owner.setdefault(id(e.owner), []).append(e)
+        owners[id(e.owner)] = e.owner
     out: dict[str, ModelTensor] = {}
-    for path, (var, owner) in keras_variable_owners(model).items():
-        shape = tuple(int(d) for d in var.shape)
-        canonical, fwd, rule = keras_name_to_canonical(path, shape, layer=_known_layer_class(owner))
-        if canonical in out:
-            raise HubloadError(f"{type(model).__name__}: variables {out[canonical].native!r} and {path!r} both "
-                               f"map to canonical name {canonical!r}")
-        cshape = fwd.out_shape(shape) if fwd is not None else shape
-        out[canonical] = ModelTensor(canonical, cshape, canonical_dtype(var.dtype), path,
-                                     fwd.inverse() if fwd is not None else None, rule, var)
+    seen: set[int] = set()
+
+    def add(t: ModelTensor) -> None:
+        if t.name in out:
+            raise HubloadError(f"{type(model).__name__}: variables {out[t.name].native!r} and {t.native!r} both "
+                               f"map to canonical name {t.name!r}")
+        out[t.name] = t
+
+    mha_prefixes = [".".join(segs) for obj, segs in visited if "MultiHeadAttention" in _mro_names(obj)]
+    for oid, group in by_owner.items():
+        owner = owners[oid]
+        mro = _mro_names(owner)
+        layer_spec = spec_for_mro(mro)
+        segs = group[0].segments
+        own = [e for e in group if id(e.value) in weights]
+        for e in group:
+            if id(e.value) not in weights and isinstance(e.value, keras.Variable):
+                path = "/".join((*e.segments, e.leaf))
+                add(ModelTensor(".".join((*e.segments, e.leaf)), tuple(int(d) for d in getattr(e.value, "shape", ())),
+                                canonical_dtype(getattr(e.value, "dtype", "float32")), path,
+                                handle=e.value, structural=e.structural or None,
+                                ignored=_non_weight_reason(owner)))
+        if not own:
+            continue
+        shapes = {e.leaf: tuple(int(d) for d in e.value.shape) for e in own}
+        rule = None
+        if layer_spec is not None and layer_spec.group:
+            found = rnn_group_for(layer_spec.keras_class, segs, shapes)
+            if found is not None:
+                rule, prefix = found
+        if rule is not None:
+            p = ".".join(prefix)
+            canon = rule.canonical_shapes(shapes)
+            members = {leaf: f"{p}.{leaf}" if p else leaf for leaf in canon}
+            binding = GroupBinding(rule, {e.leaf: e.value for e in own}, members, p or "<root>")
+            dtype = canonical_dtype(own[0].value.dtype)
+            native = "+".join("/".join((*e.segments, e.leaf)) for e in own)
+            for leaf, full in members.items():
+                add(ModelTensor(full, canon[leaf], dtype, native, rule=rule.name, group=binding))
+            seen.update(id(e.value) for e in own)
+            continue
+        facts = _einsum_facts(owner) if "EinsumDense" in mro else {}
+        for e in own:
+            shape = shapes[e.leaf]
+            cleaf, fwd, rule_name = name_leaf(layer_spec, e.leaf, shape, facts)
+            name = ".".join((*e.segments, cleaf))
+            cshape = fwd.out_shape(shape) if fwd is not None else shape
+            add(ModelTensor(name, cshape, canonical_dtype(e.value.dtype), "/".join((*e.segments, e.leaf)),
+                            fwd.inverse() if fwd is not None else None, rule_name, e.value,
+                            structural=e.structural or None))
+            seen.add(id(e.value))
+    unplaced = [v for i, v in weights.items() if i not in seen]
+    if unplaced:
+        raise HubloadError(f"{type(model).__name__}: {len(unplaced)} weight(s) are not saved by any layer's "
+                           f"save_own_variables, so hubload cannot name them: "
+                           f"{', '.join(str(getattr(v, 'path', v.name))[-120:] for v in unplaced[:5])}")
+    for prefix in mha_prefixes:
+        alt = _packed_attention(prefix, out)
+        if alt is not None:
+            for name in alt.replaces:
+                out[name] = dataclasses.replace(out[name], alternative=alt)
     return out
 
 
@@ -319,13 +514,98 @@ def _owned_tensor(arr: np.ndarray, dtype: np.dtype) -> Any:
         return own
 
 
-def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
-          model_spec: Mapping[str, ModelTensor] | None = None) -> None:
-    """Assign the report's matched tensors from ``reader`` to the model's variables, all or nothing.
+class _TensorSource:
+    """Reads checkpoint tensors one at a time, keeping at most one tensor's bytes resident.
 
-    Every tensor is converted (checkpoint -> canonical transform from the report, canonical -> Keras
-    transform from :func:`spec`, cast to the variable's dtype) before the first assignment; then all
-    are assigned in one pass inside the model's distribution strategy scope, if any.
+    A safetensors file is read with ``readinto`` into one reusable, 64-byte aligned buffer (no memory map, so
+    the file's pages never count against the process); other readers hand out their own arrays.
+    """
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        header = getattr(reader, "header", None)
+        self._stream = header is not None and hasattr(header, "offsets") and hasattr(header, "data_start")
+        self._file: Any = None
+        self._buf: np.ndarray | None = None
+
+    def get(self, name: str) -> np.ndarray:
+        if not self._stream:
+            return to_numpy(self.reader.get(name))
+        info = self.reader.header.tensors[name]
+        begin, end = self.reader.header.offsets[name]
+        dtype = numpy_dtype(info.dtype)
+        n = end - begin
+        if self._buf is None or self._buf.nbytes < n:
+            self._buf = None
+            self._buf = _aligned_empty((max(n, 1),), np.uint8)
+        if self._file is None:
+            self._file = open(self.reader.path, "rb")  # noqa: SIM115 - closed in close()
+        self._file.seek(self.reader.header.data_start + begin)
+        view = memoryview(self._buf)[:n]
+        got = 0
+        while got < n:
+            k = self._file.readinto(view[got:])
+            if not k:
+                raise CheckpointError(f"{self.reader.path}: file ends inside tensor {name!r} (truncated?)")
+            got += k
+        return self._buf[:n].view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._buf = None
+
+
+class _Spool:
+    """Old values of assigned variables, written to a temporary file, for a rollback without a copy in memory."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(prefix="hubload-rollback-")
+        self._saved: list[tuple[Any, int, tuple[int, ...], np.dtype]] = []
+
+    def save(self, var: Any) -> None:
+        old = np.asarray(var.numpy())
+        self._saved.append((var, self._file.tell(), old.shape, old.dtype))
+        self._file.write(memoryview(np.ascontiguousarray(old)).cast("B"))
+
+    def restore(self, model: Any) -> None:
+        with _strategy_scope(model):
+            for var, offset, shape, dtype in reversed(self._saved):
+                self._file.seek(offset)
+                var.assign(np.fromfile(self._file, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))
+                                       ).reshape(shape))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _after_load(model: Any, assigned: set[int]) -> None:
+    """Run the specs' ``after_load`` hooks of layers whose variables were assigned."""
+    for layer in model._flatten_layers(include_self=True):
+        layer_spec = spec_for_mro(_mro_names(layer))
+        if layer_spec is not None and layer_spec.after_load and any(id(w) in assigned for w in layer.weights):
+            getattr(layer, layer_spec.after_load)()
+
+
+def _keras_shape(target: ModelTensor) -> tuple[int, ...]:
+    """The Keras shape a canonical tensor takes (its variable's shape)."""
+    return target.transform.out_shape(target.shape) if target.transform is not None else tuple(target.shape)
+
+
+def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
+          model_spec: Mapping[str, ModelTensor] | None = None, rollback: bool = True) -> None:
+    """Assign the report's matched tensors from ``reader`` to the model's variables, all or nothing, streaming.
+
+    First every matched tensor is checked from metadata alone (checkpoint shape through the checkpoint ->
+    canonical and canonical -> Keras transforms against the variable's shape; every member of an N-to-M group
+    present), so a problem is reported before any variable changes. Then tensors are read, converted, cast and
+    assigned one at a time (a group when its last member is read), inside the model's distribution strategy
+    scope if any: peak memory is about two tensors, not the checkpoint. Safetensors files are read into one
+    reusable buffer, not memory-mapped. If reading or assigning still fails part-way (a file changed on disk,
+    out of memory), the variables already assigned are restored from their old values, which were spooled to
+    a temporary file just before each assignment, and the error says nothing was changed.
 
     Args:
         model: A built Keras model.
@@ -334,10 +614,12 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
         reader: The checkpoint reader the report was computed from.
         dtype_policy: Only "model": Keras variables have fixed dtypes, tensors are cast to them.
         model_spec: :func:`spec` of the model if the caller has it already (saves walking the model again).
+        rollback: Spool old values for a rollback (default). False skips the spool (faster; a failure
+            part-way then leaves the model partly loaded, and the error says so).
 
     Raises:
         IncompatibleWeightsError: The report forbids loading, or a tensor does not fit its variable
-            (nothing is assigned then; carries the report).
+            (nothing is assigned then; carries the report), or loading failed part-way (rolled back).
         ValueError: An unsupported ``dtype_policy``.
     """
     if dtype_policy != "model":
@@ -346,34 +628,98 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     report.raise_if_incompatible()
     if model_spec is None:
         model_spec = spec(model)
-    pending: list[tuple[Any, np.ndarray]] = []
+    targets: dict[str, ModelTensor] = dict(model_spec)
+    for t in list(model_spec.values()):  # the alternative forms the checker may have chosen
+        if t.alternative is not None:
+            targets.update(t.alternative.tensors)
     problems: list[str] = []
+    plan: list[tuple[Any, ModelTensor]] = []
+    groups: dict[int, tuple[Any, set[str]]] = {}
+    infos = reader.tensors()
     for m in report.matched:
-        target = model_spec.get(m.key)
+        target = targets.get(m.key)
         if target is None:
             problems.append(f"{m.key}: the model has no such variable")
             continue
-        var = target.handle
+        if target.ignored:
+            continue
         try:
-            arr = apply_transform(to_numpy(reader.get(m.source)), m.transform)
-            arr = apply_transform(arr, target.transform)
+            native = tuple(infos[m.source].shape) if m.source in infos else None
+            canon = m.transform.out_shape(native) if (m.transform is not None and native is not None) else native
         except ValueError as exc:
             problems.append(f"{m.key} (checkpoint {m.source!r}): {exc}")
             continue
-        var_shape = tuple(int(d) for d in var.shape)
-        if tuple(arr.shape) != var_shape:
-            problems.append(f"{m.key}: checkpoint tensor {m.source!r} becomes shape {list(arr.shape)} in Keras "
-                            f"layout, variable {target.native!r} has {list(var_shape)}")
+        if canon is not None and tuple(canon) != tuple(target.shape):
+            problems.append(f"{m.key}: checkpoint tensor {m.source!r} becomes shape {list(canon)}, the model "
+                            f"expects {list(target.shape)}")
             continue
-        # Views only so far: every shape is checked before the first variable changes (all or nothing), and
-        # each tensor is materialised just before its own assignment, so peak memory stays one tensor.
-        pending.append((var, arr))
+        if target.group is not None:
+            groups.setdefault(id(target.group), (target.group, set()))[1].add(m.key)
+        else:
+            try:
+                keras_shape = _keras_shape(target)
+            except ValueError as exc:
+                problems.append(f"{m.key}: {exc}")
+                continue
+            var_shape = tuple(int(d) for d in target.handle.shape)
+            if keras_shape != var_shape:
+                problems.append(f"{m.key}: becomes shape {list(keras_shape)} in Keras layout, variable "
+                                f"{target.native!r} has {list(var_shape)}")
+                continue
+        plan.append((m, target))
+    for binding, got in groups.values():
+        missing = sorted(set(binding.members.values()) - got)
+        if missing:
+            problems.append(f"{binding.layer}: {binding.rule.name} converts its tensors together; the checkpoint "
+                            f"lacks {missing} (load all of them, or exclude all of them)")
     if problems:
         raise _nothing_loaded_error(reader, model, problems, report, "assigned")
-    with _strategy_scope(model):
-        for var, arr in pending:
-            var.assign(_owned_tensor(arr, numpy_dtype(canonical_dtype(var.dtype))))
-    logger.info("assigned %d variables of %s", len(pending), type(model).__name__)
+
+    source = _TensorSource(reader)
+    spool = _Spool() if rollback else None
+    pending: dict[int, dict[str, np.ndarray]] = {}
+    assigned = 0
+    assigned_ids: set[int] = set()
+    try:
+        with _strategy_scope(model):
+            for m, target in plan:
+                arr = apply_transform(source.get(m.source), m.transform)
+                if target.group is None:
+                    todo = [(target.handle, apply_transform(arr, target.transform))]
+                else:
+                    binding = target.group
+                    got = pending.setdefault(id(binding), {})
+                    got[m.key] = np.array(arr)  # group members are small (RNN/attention), keep a copy
+                    if len(got) < len(binding.members):
+                        continue
+                    if hasattr(binding, "assignments"):
+                        todo = [(var, a) for var, a, _ in binding.assignments(pending.pop(id(binding)))]
+                    else:
+                        todo = [(binding.variables[leaf], a) for leaf, a in binding.to_keras(pending.pop(id(binding))).items()]
+                for var, value in todo:
+                    if tuple(value.shape) != tuple(int(d) for d in var.shape):
+                        raise ValueError(f"{target.name}: converted shape {list(value.shape)} does not fit "
+                                         f"variable {var.path} {list(var.shape)}")
+                    if spool is not None:
+                        spool.save(var)
+                    var.assign(_owned_tensor(value, numpy_dtype(canonical_dtype(var.dtype))))
+                    assigned_ids.add(id(var))
+                    assigned += 1
+            _after_load(model, assigned_ids)
+    except (OSError, ValueError, MemoryError, CheckpointError, tf.errors.OpError) as exc:
+        if spool is not None:
+            spool.restore(model)
+            state = "the variables already assigned were restored, nothing changed"
+        else:
+            state = f"{assigned} variable(s) were already assigned (rollback=False)"
+        raise IncompatibleWeightsError(f"{getattr(reader, 'path', 'checkpoint')}: loading into "
+                                       f"{type(model).__name__} failed part-way ({exc}); {state}",
+                                       report=report) from exc
+    finally:
+        source.close()
+        if spool is not None:
+            spool.close()
+    logger.info("assigned %d variables of %s", assigned, type(model).__name__)
 
 
 def freeze(model: Any, names: list[str]) -> None:

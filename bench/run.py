@@ -432,9 +432,16 @@ def verify_cost(ctx: Ctx) -> list[Row]:
             for r in json.loads(out.strip().splitlines()[-1])]
 
 
+def keras_stream(ctx: Ctx) -> list[Row]:
+    """(11) streaming Keras load: peak RSS growth vs the checkpoint and time per GiB (bench/keras_stream.py)."""
+    import keras_stream as ks  # bench/ is on sys.path when run as a script
+
+    return ks.rows(ctx)
+
+
 SCENARIOS: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
     ("1", cold_pull), ("1d", cold_pull_disk), ("2", cold_pull_slow), ("3", sharded), ("4", warm_hit), ("5", load_torch), ("6", load_keras),
-    ("7", meta_rss), ("8", check_command), ("9", import_time), ("v", verify_cost),
+    ("7", meta_rss), ("8", check_command), ("9", import_time), ("v", verify_cost), ("11", keras_stream),
 ]
 
 

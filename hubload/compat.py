@@ -349,6 +349,8 @@ def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: I
     """
     exclude, ignore, replace = tuple(exclude), tuple(ignore), tuple(replace)
     report = CompatReport(source=source, target=target, strict=strict)
+    model = _choose_forms(checkpoint, model)
+    checkpoint, model = _pair_structural(checkpoint, model)
 
     ck_norm, ck_changed = strip_wrapper_prefixes(checkpoint)
     if ck_changed:
@@ -382,6 +384,13 @@ def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: I
             if ck_key is not None:
                 consumed.add(name)
                 report.ignored.append(Ignored(ck_key, f"model tensor is replaced ({g!r})", "checkpoint"))
+            continue
+        state = getattr(spec, "ignored", None)
+        if state:  # saved state that is not a weight (a seed generator): never loaded, never missing
+            report.ignored.append(Ignored(model_key, state, "model"))
+            if ck_key is not None:
+                consumed.add(name)
+                report.ignored.append(Ignored(ck_key, f"model state, not a weight: {state}", "checkpoint"))
             continue
         if ck_key is None:
             reason = ignorable_reason(name, "model")
@@ -422,3 +431,84 @@ def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: I
         else:
             report.unexpected.append(ck_key)
     return report
+
+
+# --------------------------------------------------------------------------------- pairing groups
+
+
+def _choose_forms(checkpoint: Mapping[str, Any], model: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Swap model tensors for the alternative form the checkpoint uses (a packed ``in_proj_weight``).
+
+    A model tensor may carry ``.alternative`` (``replaces``: its group's names, ``tensors``: the other form's
+    specs). The other form is taken when the checkpoint has every one of its names and none of the names it
+    replaces, so a checkpoint with either form pairs one to one.
+    """
+    alts = {id(a): a for a in (getattr(t, "alternative", None) for t in model.values()) if a is not None}
+    if not alts:
+        return model
+    out = dict(model)
+    for alt in alts.values():
+        if all(n in checkpoint for n in alt.tensors) and not any(n in checkpoint for n in alt.replaces):
+            for n in alt.replaces:
+                out.pop(n, None)
+            out.update(alt.tensors)
+    return out
+
+
+def _native_shape(tensor: Any) -> tuple[int, ...]:
+    """A checkpoint tensor's shape as stored (before its native -> canonical transform)."""
+    t = getattr(tensor, "transform", None)
+    shape = _shape(tensor.shape)
+    return t.inverse().out_shape(shape) if t is not None else shape
+
+
+def _pair_structural(checkpoint: Mapping[str, Any], model: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """Re-key checkpoint tensors stored at a model tensor's ``structural`` path to that model tensor's name.
+
+    A Keras ``.weights.h5`` names a variable by where the model's structure stores it
+    (``layers/dense_1/vars/0``), which is exact even when the file alone cannot tell the canonical name (a
+    custom layer, an explicitly named sublayer of unknown class). Only tensors whose canonical names found no
+    partner are re-keyed, and only when their stored shape equals the variable's; the transform becomes the
+    model's own Keras -> canonical one, so the value lands unchanged.
+    """
+    by_path = {t.structural: name for name, t in model.items() if getattr(t, "structural", None)}
+    if not by_path:
+        return checkpoint, model
+    claimed: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, tensor in checkpoint.items():
+        target = by_path.get(getattr(tensor, "source", None))
+        if target is None or target in claimed:
+            rest[key] = tensor
+            continue
+        spec = model[target]
+        to_keras = getattr(spec, "transform", None)
+        keras_shape = to_keras.out_shape(_shape(spec.shape)) if to_keras is not None else _shape(spec.shape)
+        try:
+            native = _native_shape(tensor)
+        except ValueError:
+            native = None
+        if native != keras_shape:  # the checker reports the shape mismatch under the canonical name
+            rest[key] = tensor
+            continue
+        fwd = to_keras.inverse() if to_keras is not None else None
+        claimed[target] = _Rekeyed(target, tensor.source, _shape(spec.shape), canonical_dtype(tensor.dtype), fwd,
+                                   "structural")
+    if not claimed:
+        return checkpoint, model
+    out = dict(claimed)
+    for key, tensor in rest.items():
+        out[key if key not in out else getattr(tensor, "source", key)] = tensor
+    return out, model
+
+
+@dataclass(frozen=True)
+class _Rekeyed:
+    """A checkpoint tensor paired by its storage path (same fields as ``layout.CanonicalTensor``)."""
+
+    canonical: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: str
+    transform: Transform | None = None
+    rule: str | None = None

@@ -490,7 +490,12 @@ def to_canonical(tensors: Mapping[str, Any], layout: str, *, rename: Iterable[An
     out: dict[str, CanonicalTensor] = {}
     for native, info in tensors.items():
         shape = tuple(int(d) for d in info.shape)
-        if layout == "keras":
+        if layout == "keras" and getattr(info, "canonical", ""):
+            # A structural reader (.weights.h5) already named it by its layer's spec (hubload.keras_layers).
+            name, transform, rule = info.canonical, info.transform, info.rule
+            if transform is not None:
+                shape = transform.out_shape(shape)
+        elif layout == "keras":
             forced = next((r for g, r in (forced_rules or {}).items() if fnmatch.fnmatchcase(native, g)), None)
             name, transform, rule = keras_name_to_canonical(native, shape, layer=(layer_kinds or {}).get(native),
                                                             rule=forced, rules=rules)

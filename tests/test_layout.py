@@ -325,3 +325,58 @@ def test_ignorable_reason():
     assert ignorable_reason("h.0.attn.bias", "checkpoint")
     assert ignorable_reason("h.0.attn.bias", "model") is None  # a model parameter the checkpoint lacks
     assert ignorable_reason("encoder.weight", "checkpoint") is None
+
+
+# ----------------------------------------------------------------------------- per-class Keras specs
+
+
+def test_rnn_group_round_trips_and_reorders_gru_gates():
+    from hubload.keras_layers import rnn_group_for
+
+    rng = np.random.default_rng(0)
+    shapes = {"kernel": (4, 9), "recurrent_kernel": (3, 9), "bias": (2, 9)}
+    rule, prefix = rnn_group_for("GRUCell", ("bi", "backward_layer", "cell"), shapes)
+    assert prefix == ("bi",) and rule.suffix == "_reverse" and rule.two_biases
+    keras_arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    canon = rule.to_canonical(keras_arrays)
+    assert {k: v.shape for k, v in canon.items()} == rule.canonical_shapes(shapes)
+    # Keras gates z, r, h -> torch r, z, n
+    np.testing.assert_array_equal(canon["weight_ih_l0_reverse"][:3], keras_arrays["kernel"][:, 3:6].T)
+    back = rule.to_keras(canon, shapes)
+    for k in shapes:
+        np.testing.assert_array_equal(back[k], keras_arrays[k])
+
+
+def test_lstm_single_bias_splits_and_merges():
+    from hubload.keras_layers import rnn_group_for
+
+    shapes = {"kernel": (2, 8), "recurrent_kernel": (2, 8), "bias": (8,)}
+    rule, prefix = rnn_group_for("LSTMCell", ("lstm", "cell"), shapes)
+    assert prefix == ("lstm",)
+    canon = {"weight_ih_l0": np.ones((8, 2)), "weight_hh_l0": np.ones((8, 2)), "bias_ih_l0": np.arange(8.0),
+             "bias_hh_l0": np.full(8, 0.5)}
+    np.testing.assert_array_equal(rule.to_keras(canon, shapes)["bias"], np.arange(8.0) + 0.5)
+    assert rnn_group_for("GRUCell", ("g", "cell"), {"kernel": (2, 6), "recurrent_kernel": (2, 6), "bias": (6,)}) \
+        is None  # reset_after=False has no torch form
+
+
+def test_einsum_kernel_transform_is_invertible():
+    from hubload.keras_layers import einsum_kernel_transform
+
+    k = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [heads, head_dim, embed]: in axes 0, 1
+    t = einsum_kernel_transform(k.shape, (0, 1))
+    w = t.apply(k)
+    assert w.shape == (4, 6)
+    np.testing.assert_array_equal(w, k.reshape(6, 4).T)
+    np.testing.assert_array_equal(t.inverse().apply(w), k)
+    assert einsum_kernel_transform((4, 5), (1,)) is None  # a transposed 2-D kernel is not a Linear weight
+
+
+def test_structural_segments():
+    from hubload.keras_layers import container_segments, functional_segments
+
+    assert container_segments(["block", "block_1", "block_2"]) == ["0", "1", "2"]
+    assert container_segments(["dense", "layer_normalization"]) == ["dense", "layer_normalization"]
+    assert functional_segments([("dense", "dense_7"), ("dense_1", "head")]) == ["dense", "head"]
+    assert functional_segments([("dense", "dense_1"), ("dense_1", "dense")]) == ["dense", "dense_1"]
+    assert functional_segments([("dense", "x"), ("conv2d", "x")]) == ["dense", "conv2d"]  # a clash: counters

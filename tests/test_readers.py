@@ -372,7 +372,13 @@ def keras():
     return pytest.importorskip("keras")
 
 
-def test_keras_weights_functional_names_match_keras(tmp_path, keras):
+def _canonical(r):
+    from hubload.layout import to_canonical
+
+    return to_canonical(r.tensors(), r.layout)
+
+
+def test_keras_weights_functional_read_by_structure(tmp_path, keras):
     L = keras.layers
     inp = keras.Input((6, 6, 3))
     x = L.Conv2D(4, 3, name="conv")(inp)
@@ -381,27 +387,26 @@ def test_keras_weights_functional_names_match_keras(tmp_path, keras):
     x = L.Conv2DTranspose(5, 2, name="up")(x)
     x = L.Flatten()(x)
     x = L.Dense(7, name="head")(x)
-    x = L.Dense(3, use_bias=False, name="proj")(x)
+    x = L.Dense(3, use_bias=False)(x)  # auto-named: named by its container key, "dense_1"
     x = L.LayerNormalization(name="ln")(x)
     model = keras.Model(inp, x)
     path = tmp_path / "m.weights.h5"
     model.save_weights(path)
 
-    expected = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
     with open_checkpoint(path) as r:
         assert isinstance(r, KerasWeightsReader) and r.layout == "keras"
         infos = r.tensors()
-        assert set(infos) == set(expected)
-        for name, var in expected.items():
-            assert infos[name].shape == tuple(var.shape)
-            assert infos[name].dtype == "float32"
-            np.testing.assert_array_equal(r.get(name), keras.ops.convert_to_numpy(var))
-
-        assert r.layer_kinds["dw/kernel"] == "depthwise_conv2d"  # Keras 3 calls it plain "kernel"
-        assert r.layer_kinds["up/kernel"] == "conv2d_transpose"
-    with KerasWeightsReader(path, layer_names=False) as raw:
-        assert "layers/dense/kernel" in raw.tensors()
-        assert raw.sources["layers/dense/kernel"] == "/layers/dense/vars/0"
+        # tensors are named by their dataset path, exactly as saving_lib wrote them
+        assert "layers/conv2d/vars/0" in infos and r.sources["layers/conv2d/vars/0"] == "/layers/conv2d/vars/0"
+        assert len(infos) == len(model.weights)
+        canon = _canonical(r)
+        assert canon["conv.weight"].shape == (4, 3, 3, 3)  # HWIO -> OIHW
+        assert canon["dw.weight"].shape == (8, 1, 3, 3)  # Keras 3 calls it plain "kernel"; the class decides
+        assert canon["up.weight"].shape == (8, 5, 2, 2)  # [h, w, out, in] -> ConvTranspose2d [in, out, h, w]
+        assert canon["head.weight"].shape == (7, 3 * 3 * 5)
+        assert canon["dense_1.weight"].shape == (3, 7)
+        assert {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "ln.weight", "ln.bias"} <= set(canon)
+        np.testing.assert_array_equal(r.get("layers/dense/vars/0"), keras.ops.convert_to_numpy(model.layers[6].kernel))
 
 
 def test_keras_weights_subclassed_model(tmp_path, keras):
@@ -410,11 +415,12 @@ def test_keras_weights_subclassed_model(tmp_path, keras):
             super().__init__()
             self.emb = keras.layers.Embedding(10, 4)
             self.blocks = [keras.layers.Dense(4), keras.layers.Dense(2)]
+            self.aux = [keras.layers.Dense(2), keras.layers.LayerNormalization()]
             self.custom = keras.layers.Dense(3, name="enc")
 
         def call(self, x):
             x = self.emb(x)
-            for b in self.blocks:
+            for b in self.blocks + self.aux:
                 x = b(x)
             return self.custom(x)
 
@@ -423,12 +429,16 @@ def test_keras_weights_subclassed_model(tmp_path, keras):
     path = tmp_path / "s.weights.h5"
     net.save_weights(path)
     with open_checkpoint(path) as r:
-        infos = r.tensors()
-    # attribute paths; list items are keyed by class name the way Keras writes them
-    assert infos["emb/embeddings"].shape == (10, 4)
-    assert infos["blocks/dense/kernel"].shape == (4, 4)
-    assert infos["blocks/dense_1/bias"].shape == (2,)
-    assert infos["custom/kernel"].shape == (2, 3)  # class unknown from the name; kernel+bias by shape
+        canon = _canonical(r)
+        assert r.sources["blocks/dense_1/vars/1"] == "/blocks/dense_1/vars/1"
+    assert canon["emb.weight"].shape == (10, 4)
+    # a list of one class: positions, as nn.ModuleList (Keras writes dense, dense_1)
+    assert canon["blocks.0.weight"].shape == (4, 4)
+    assert canon["blocks.1.bias"].shape == (2,)
+    # a list of mixed classes: the file cannot tell positions, so the class-name counters stay
+    assert canon["aux.dense.weight"].shape == (2, 2)
+    assert canon["aux.layer_normalization.weight"].shape == (2,)
+    assert canon["custom.kernel"].shape == (2, 3)  # class unknown (explicit name): kernel+bias by shape, as stored
 
 
 def test_legacy_keras_h5(tmp_path, keras):
