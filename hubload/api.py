@@ -93,6 +93,27 @@ def _build(art: Artifact, adapter: Any, config: Mapping[str, Any] | None, num_cl
     return adapter.build(arch, cfg)
 
 
+def _flatten_order(reader: Any) -> str | None:
+    """The flatten order a checkpoint declares (files written by ``hubload convert``), else None."""
+    from .safetensors_io import FLATTEN_ORDER_METADATA_KEY
+
+    metadata = getattr(reader, "metadata", None)
+    return metadata.get(FLATTEN_ORDER_METADATA_KEY) if isinstance(metadata, dict) else None
+
+
+def _spec_layout(art: Artifact, layout: str | None) -> str | None:
+    """The checkpoint's layout as far as it is known before the file is read (Keras formats are Keras layout)."""
+    if layout or art.layout:
+        return layout or art.layout
+    if art.format in ("keras-weights", "tf-checkpoint"):
+        return "keras"
+    p = art.path
+    if p is not None and (p.name.endswith(".h5") or p.with_name(p.name + ".index").exists()
+                          or (p.is_dir() and any(p.glob("*.index")))):
+        return "keras"  # a local Keras weights file or TF checkpoint (prefix or folder)
+    return None
+
+
 def _report(ckpt: Mapping[str, Any], model_spec: Mapping[str, Any], art: Artifact, model: Any, *,
             exclude: Iterable[str], replace: Iterable[str], strict: bool) -> CompatReport:
     """Run the compatibility checker with the entry's ignore globs."""
@@ -241,7 +262,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
         raise UsageError(f"{art.label}: a weights checkpoint needs a model: pass model=your_model, or "
                          "framework='torch' / 'tf' to build the registry entry's architecture")
 
-    model_spec = family_model_spec(model, layout or art.layout) or adapter.spec(model)
+    model_spec = family_model_spec(model, _spec_layout(art, layout)) or adapter.spec(model)
     plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=reference,
                      example_inputs=example_inputs, probe=_probe_for(art, replace, exclude, config), verify=verify,
                      label=art.label)
@@ -270,7 +291,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
                                  f"model; {art.label} is a {reader.format} checkpoint for a {adapter.name} model")
             report = adapter.restore_native(model, art.path, optimizer=optimizer)
         else:
-            review(plan, report, layout or art.layout or reader.layout)
+            review(plan, report, layout or art.layout or reader.layout, _flatten_order(reader))
             report.raise_if_incompatible(strict)
             _apply(plan, adapter, model, report, reader, dtype=dtype, device=device, model_spec=model_spec)
     model = adapter.place(model, device)
@@ -316,7 +337,7 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
     if adapter is None:
         raise UsageError(f"{art.label}: check needs a model to compare with: pass model= or framework=")
     art = with_key(art, key)
-    model_spec = family_model_spec(model, layout or art.layout) or adapter.spec(model)
+    model_spec = family_model_spec(model, _spec_layout(art, layout)) or adapter.spec(model)
     probe = _probe_for(art, replace, exclude, config) if verify is True else None
     plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=reference,
                      example_inputs=example_inputs, probe=probe, verify=verify, label=art.label)
@@ -328,7 +349,7 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
         with open_artifact(art) as reader:
             report = _report(canonical_tensors(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                              replace=replace, strict=strict)
-            review(plan, report, layout or art.layout or reader.layout)
+            review(plan, report, layout or art.layout or reader.layout, _flatten_order(reader))
             if report.ok and plan.verify:
                 _trial_apply(plan, adapter, model, report, reader, model_spec)
     elif art.layout is not None or layout is not None:

@@ -114,7 +114,7 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     from .cache import Cache
     from .layout import apply_transform, from_canonical
     from .resolve import canonical_tensors, fetch_artifact, open_artifact, resolve_source, with_key
-    from .safetensors_io import LAYOUT_METADATA_KEY
+    from .safetensors_io import FLATTEN_ORDER_METADATA_KEY, LAYOUT_METADATA_KEY
 
     art = with_key(resolve_source(source, registry=registry), key)
     art = fetch_artifact(art, cache=Cache(), offline=offline)
@@ -122,6 +122,9 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     names: dict[str, str] = {}
     dropped: dict[str, str] = {}
     with open_artifact(art) as reader:
+        source_layout = from_layout or art.layout or reader.layout
+        flatten_order = (getattr(reader, "metadata", None) or {}).get(FLATTEN_ORDER_METADATA_KEY) or \
+            ("channels_last" if source_layout == "keras" else "channels_first")
         canon = canonical_tensors(reader, art, from_layout, rename)
         targets: dict[str, tuple[str, Any]] = {}
         if layout == "torch":
@@ -136,6 +139,7 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
             arrays[target] = apply_transform(arr, to_target)
             names[ct.source] = target
     size = write_safetensors(out, arrays, {"format": "pt" if layout == "torch" else "keras",
-                                           LAYOUT_METADATA_KEY: layout, "converted_from": art.label})
+                                           LAYOUT_METADATA_KEY: layout, "converted_from": art.label,
+                                           FLATTEN_ORDER_METADATA_KEY: flatten_order})
     return {"out": str(out), "layout": layout, "tensors": len(arrays), "bytes": size, "names": names,
             "dropped": dropped}

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_SAFETENSORS_HEADER",
     "SafetensorsHeader",
     "SafetensorsReader",
+    "FLATTEN_ORDER_METADATA_KEY",
     "layout_from_metadata",
     "parse_safetensors_header",
     "read_safetensors_header",
@@ -36,6 +37,10 @@ MAX_SAFETENSORS_HEADER = 100_000_000
 
 # Written into the __metadata__ of files `hubload convert` produces, so the layout travels with the file.
 LAYOUT_METADATA_KEY = "hubload_layout"
+# The feature-map order (channels_first/channels_last) the tensors were flattened in before a Dense/Linear: a
+# Keras model converted to the torch layout keeps Keras' channels-last flatten order, which the layout alone
+# would not say (the flatten fix would then permute columns that are already right).
+FLATTEN_ORDER_METADATA_KEY = "hubload_flatten_order"
 
 
 def layout_from_metadata(metadata: Any, default: str) -> str:

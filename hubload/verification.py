@@ -189,7 +189,7 @@ def _pairs(report: Any) -> list[tuple[str, str]]:
     return [(m.key.rpartition(".")[0], m.checkpoint_key.rpartition(".")[0]) for m in report.matched]
 
 
-def review(plan: Plan, report: Any, checkpoint_layout: str | None) -> None:
+def review(plan: Plan, report: Any, checkpoint_layout: str | None, flatten_order: str | None = None) -> None:
     """Compare behaviour before the copy (in place on ``report``): differences, warnings, the flatten fix.
 
     Args:
@@ -197,6 +197,8 @@ def review(plan: Plan, report: Any, checkpoint_layout: str | None) -> None:
         report: The compat report (names/shapes checked).
         checkpoint_layout: The checkpoint's tensor convention (``torch``/``keras``); for a live source, its
             framework's.
+        flatten_order: The order the checkpoint's flattened feature maps are in when the file says so
+            (``channels_first``/``channels_last``, as ``hubload convert`` records it); else the layout's.
     """
     cross = checkpoint_layout is not None and checkpoint_layout != plan.adapter.native_layout
     if plan.reference is None and not cross:
@@ -223,7 +225,7 @@ def review(plan: Plan, report: Any, checkpoint_layout: str | None) -> None:
         report.warnings.extend(trap_warnings(plan.descs, checkpoint_layout))
 
         def source_order(prefix: str) -> str | None:
-            return _ORDER.get(checkpoint_layout or "")
+            return flatten_order or _ORDER.get(checkpoint_layout or "")
     report.warnings.extend(flatten_fixes(report, plan.descs, source_order))
 
 
