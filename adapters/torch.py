@@ -28,6 +28,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ __all__ = [
     "TorchPickleReader",
     "apply",
     "build",
+    "collective_load",
     "freeze",
     "name",
     "owns",
@@ -354,6 +356,22 @@ def owns(model: Any) -> bool:
     return isinstance(model, torch.nn.Module)
 
 
+def _sharded(tensors: Any) -> bool:
+    """True if any tensor is a DTensor (checked without importing torch.distributed: a DTensor model imported it)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def collective_load(model: torch.nn.Module) -> bool:
+    """True when loading into ``model`` is collective across ``torch.distributed`` ranks.
+
+    So it is for a model with DTensor parameters or buffers (FSDP2 ``fully_shard``, tensor parallel): each rank
+    reads its own shard, and the ranks agree before any of them changes its model, so every rank calls the load.
+    ``hubload.load`` then runs the whole read-check-apply step under :func:`hubload.distributed.all_or_nothing`.
+    """
+    return _sharded(model.state_dict(keep_vars=True).values())
+
+
 def spec(model: torch.nn.Module) -> dict[str, ModelTensor]:
     """The model's ``state_dict`` entries as canonical tensor specs (no data copied).
 
@@ -409,6 +427,13 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
     if model_spec is None:
         model_spec = spec(model)
     model_sd = {k: t.handle for k, t in model_spec.items()}  # spec handles are the state_dict tensors
+    if _sharded(model_sd.values()):  # FSDP2 / DTensor: each rank reads only its shard (adapters/torch_dtensor.py)
+        from hubload.adapters.torch_dtensor import apply_sharded
+
+        n = apply_sharded(model, report, reader, model_sd, dtype_policy=dtype_policy, device=device,
+                          to_torch=to_torch, relayout=relayout, torch_dtype=_torch_dtype, target_dtype=_target_dtype)
+        logger.info("loaded %d tensors into the local shards of %s", n, type(model).__name__)
+        return
     on_meta = any(v.is_meta for v in model_sd.values())
     assign = on_meta or dtype_policy != "model"
     storages = _FileStorages()
