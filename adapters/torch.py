@@ -172,6 +172,7 @@ class TorchPickleReader(ReaderBase):
         top = self.key.split("/")[0] if self.key else None
         self.other_entries = sorted(str(k) for k in obj if k != top) if self.key else []
         self._tensors: dict[str, torch.Tensor] | None = {}
+        self._offsets: dict[str, int | None] | None = None
         self.skipped: list[str] = []
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
@@ -208,6 +209,45 @@ class TorchPickleReader(ReaderBase):
             raise CheckpointError(f"{self.path}: no tensor named {name!r} in this PyTorch checkpoint "
                                   f"({len(tensors)} tensors)")
         return tensors[name]
+
+    def data_offset(self, name: str) -> int | None:
+        """File offset of tensor ``name``'s first byte, when its bytes can be read straight from the file.
+
+        True of zip-format checkpoints (``torch.save`` since 1.6): each storage is an uncompressed zip record,
+        and a contiguous little-endian tensor is a plain row-major block inside it, so a rank of a sharded
+        model can ``pread`` its box like a safetensors tensor. The offsets come from a second, data-free
+        ``torch.load(map_location="meta", weights_only=True)``, which records where each storage begins.
+
+        Returns:
+            The offset, or None (legacy format, compressed or big-endian records, a non-contiguous view):
+            then the tensor is sliced from the memory map instead.
+        """
+        self._live()
+        if self._offsets is None:
+            self._offsets = self._file_offsets()
+        return self._offsets.get(name)
+
+    def _file_offsets(self) -> dict[str, int | None]:
+        """name -> file offset of the first byte (None where a direct read is not safe)."""
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = zf.infolist()
+                order = [i for i in infos if i.filename.endswith("/byteorder")]
+                if order and zf.read(order[0]).strip() != sys.byteorder.encode():
+                    return {}
+            if sys.byteorder != "little" or any("/data/" in i.filename and i.compress_type != zipfile.ZIP_STORED
+                                                for i in infos):
+                return {}
+            obj = torch.load(self.path, map_location="meta", weights_only=True)
+            _, state = _select(obj, self.key, self.path)
+        except (zipfile.BadZipFile, OSError, RuntimeError, pickle.UnpicklingError, CheckpointError):
+            return {}
+        out: dict[str, int | None] = {}
+        for k, v in state.items():
+            base = getattr(v.untyped_storage(), "_checkpoint_offset", None) if isinstance(v, torch.Tensor) else None
+            out[str(k)] = base + v.storage_offset() * v.element_size() if base is not None and v.is_contiguous() \
+                else None
+        return out
 
     def close(self) -> None:
         """Drop the references (tensors already handed out stay valid)."""

@@ -31,7 +31,7 @@ from hubload import distributed
 from hubload.adapters import _nothing_loaded_error
 from hubload.errors import CheckpointError, HubloadError, IncompatibleWeightsError
 from hubload.readers import ShardedReader
-from hubload.safetensors_io import SafetensorsReader
+from hubload.safetensors_io import SafetensorsReader, read_region
 
 __all__ = ["apply_sharded", "is_sharded", "local_box"]
 
@@ -62,11 +62,11 @@ def local_box(target: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(int(s) for s in shape), tuple(int(o) for o in offset)
 
 
-def _safetensors_file(reader: Any, name: str) -> SafetensorsReader | None:
-    """The safetensors file holding ``name`` behind ``reader`` (a file or a sharded index), else None."""
+def _file_of(reader: Any, name: str) -> Any:
+    """The one-file reader holding ``name`` behind ``reader`` (itself, or the shard of a sharded index)."""
     if isinstance(reader, ShardedReader):
-        return _safetensors_file(reader.shards[reader.shard_of(name)], name)
-    return reader if isinstance(reader, SafetensorsReader) else None
+        return _file_of(reader.shards[reader.shard_of(name)], name)
+    return reader
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -118,13 +118,17 @@ class _Loader:
             full = self.whole(name, transform)
             return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))].contiguous().clone()
         src_off, src_shape, perm = src
-        st = _safetensors_file(self.reader, name)
+        file = _file_of(self.reader, name)
         buf = torch.empty(src_shape, dtype=ckpt_dtype)
-        if st is not None:
-            st.read_region(name, src_off, src_shape, _bytes(buf))
+        at = file.data_offset(name) if hasattr(file, "data_offset") else None  # a zip torch pickle's tensor
+        if isinstance(file, SafetensorsReader):
+            file.read_region(name, src_off, src_shape, _bytes(buf))
+        elif at is not None:
+            read_region(file.path, at, self.infos[name].shape, buf.element_size(), src_off, src_shape, _bytes(buf),
+                        label=f"{file.path}: tensor {name!r}")
         else:
-            fmt = getattr(self.reader, "format", "this")
-            if fmt != "torch":  # a torch pickle is memory-mapped: slicing it touches only the slice's pages
+            fmt = getattr(file, "format", "this")
+            if fmt != "torch":  # a legacy torch pickle is still memory-mapped: the slice touches only its pages
                 self._warn_whole(name, f"{fmt} checkpoints are not read in slices")
             t, _ = self._to_torch(self.reader, name, owned=False)
             buf.copy_(t[tuple(slice(o, o + s) for o, s in zip(src_off, src_shape))])

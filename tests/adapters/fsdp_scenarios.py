@@ -121,10 +121,17 @@ def scenarios(ckpt: Path) -> dict[str, object]:
         hubload.load(ckpt / "sharded" / "model.safetensors.index.json", model=model)
         return {**shard_check(model, ref), "rel": forward_check(model, ckpt)}
 
-    def pickle_meta():
+    def pickle_meta():  # a zip torch pickle: each rank preads its box too (counted here)
+        from hubload.adapters import torch_dtensor
+
         model = sharded_net(mesh, meta=True)
-        hubload.load(ckpt / "model.pt", model=model)
-        return {**shard_check(model, ref), "rel": forward_check(model, ckpt)}
+        calls, original = [], torch_dtensor.read_region
+        torch_dtensor.read_region = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
+        try:
+            hubload.load(ckpt / "model.pt", model=model)
+        finally:
+            torch_dtensor.read_region = original
+        return {**shard_check(model, ref), "rel": forward_check(model, ckpt), "preads": len(calls)}
 
     def hsdp_2d():  # fully_shard on a 2-D mesh: (Replicate, Shard(0)) placements
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))

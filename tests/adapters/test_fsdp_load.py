@@ -107,6 +107,11 @@ def test_fully_shard_per_layer_holds_the_checkpoint_and_matches_the_dense_forwar
     assert all("DTensor" in rec["kinds"] for rec in job[scenario])  # the load kept the parameters sharded
 
 
+def test_zip_pickle_shards_are_read_straight_from_the_file(job):
+    # every one of the 6 sharded entries goes through the pread path (the buffer is not a DTensor)
+    assert [rec["preads"] for rec in job["pickle_meta"]] == [6] * NPROC
+
+
 def test_uneven_last_shard_and_empty_shard(job):
     locals_ = [rec["local"] for rec in job["meta_safetensors"]]
     assert [loc["fc1.weight"] for loc in locals_] == [[n, IN] for n in _chunks(HIDDEN)]  # 3, 3, 3, 1
