@@ -1,9 +1,10 @@
 """Scenarios run by tests/adapters/test_fsdp_load.py inside one ``torchrun --nproc-per-node 4`` job (gloo, CPU).
 
-    torchrun --nproc-per-node 4 tests/adapters/fsdp_scenarios.py CKPT_DIR OUT_DIR
+    torchrun --nproc-per-node 4 tests/adapters/fsdp_scenarios.py CKPT_DIR OUT_DIR REGISTRY [SCENARIO,...]
 
 ``CKPT_DIR`` holds what the test wrote: ``model.safetensors``, ``model.pt``, ``sharded/`` (an index and two
-shards) and ``ref_input.pt``/``ref_output.pt`` (the dense reference forward pass). Each rank writes
+shards) and ``ref_input.pt``/``ref_output.pt`` (the dense reference forward pass); REGISTRY names the same file as the
+pinned entry ``fsdp-net`` on the Hub look-alike at ``HF_ENDPOINT``. Each rank writes
 ``OUT_DIR/rank-<N>.json``: scenario -> {"ok": ..., "error": type, "message", checks...}. Every collective has a
 timeout, so a hang fails the job instead of waiting forever.
 """
@@ -98,7 +99,7 @@ def rss_kib() -> int:
     return 0
 
 
-def scenarios(ckpt: Path) -> dict[str, object]:
+def scenarios(ckpt: Path, registry: Path) -> dict[str, object]:
     """name -> callable returning a dict of observations (raising on a load failure)."""
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -183,6 +184,11 @@ def scenarios(ckpt: Path) -> dict[str, object]:
         hubload.load(ckpt / "model.safetensors", model=model)
         return {**shard_check(model.module, ref), "rel": forward_check(model.module, ckpt)}
 
+    def hub_registry_entry():  # pinned hf:// entry on the Hub look-alike (HF_ENDPOINT), one node cache
+        model = sharded_net(mesh, meta=True)
+        hubload.load("fsdp-net", model=model, registry=registry)
+        return {**shard_check(model, ref), "rel": forward_check(model, ckpt)}
+
     def plain_unchanged():
         model = Net()
         hubload.load(ckpt / "model.safetensors", model=model)
@@ -190,19 +196,19 @@ def scenarios(ckpt: Path) -> dict[str, object]:
 
     return {f.__name__: f for f in (meta_safetensors, materialised_safetensors, sharded_index, pickle_meta, hsdp_2d,
                                     tensor_2d, mismatch_on_one_rank, read_error_on_one_rank, ddp_unchanged,
-                                    plain_unchanged)}
+                                    plain_unchanged, hub_registry_entry)}
 
 
 RESULT_EXTRA: dict[str, object] = {}
 
 
 def main() -> int:
-    ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
-    only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
+    ckpt, out, registry = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    only = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else None
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     results: dict[str, object] = {}
-    for name, fn in scenarios(ckpt).items():
+    for name, fn in scenarios(ckpt, registry).items():
         if only and name not in only:
             continue
         RESULT_EXTRA.clear()

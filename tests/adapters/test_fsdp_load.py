@@ -7,6 +7,7 @@ and runs itself. The job has a hard timeout: a rank that hangs fails the tests i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ TIMEOUT = 240  # seconds for the whole job (~20 s when idle)
 
 sys.path.insert(0, str(SCENARIOS.parent))
 from fsdp_scenarios import HIDDEN, IN, OUT, Net  # noqa: E402
+
+from tests.servers import HubServer  # noqa: E402
 
 
 def write_checkpoints(folder: Path) -> dict[str, torch.Tensor]:
@@ -59,9 +62,10 @@ def write_checkpoints(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def torchrun(script: Path, args: list[str], *, cwd: Path, nproc: int = NPROC) -> subprocess.CompletedProcess:
+def torchrun(script: Path, args: list[str], *, cwd: Path, env: dict[str, str],
+             nproc: int = NPROC) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone`` with a hard timeout that kills the whole process group."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
            str(nproc), str(script), *args]
@@ -76,15 +80,42 @@ def torchrun(script: Path, args: list[str], *, cwd: Path, nproc: int = NPROC) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+REPO, COMMIT = "hubload-test/fsdp-net", "f5d9" * 10
+
+
+def write_registry(path: Path, ckpt: Path) -> Path:
+    """A registry entry ``fsdp-net``: the checkpoint on the Hub look-alike, pinned by commit and sha256."""
+    data = (ckpt / "model.safetensors").read_bytes()
+    path.write_text(f"""version: 1
+models:
+  fsdp-net:
+    source: hf://{REPO}
+    revision: {COMMIT}
+    files:
+      - {{path: model.safetensors, sha256: {hashlib.sha256(data).hexdigest()}, size: {len(data)}}}
+    format: safetensors
+    layout: torch
+""")
+    return path
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
-    """Run every scenario once on 4 ranks; scenario -> [record of rank 0, 1, 2, 3]."""
+    """Run every scenario once on 4 ranks; scenario -> [record of rank 0, 1, 2, 3], plus the hub's requests."""
     base = tmp_path_factory.mktemp("fsdp")
     state = write_checkpoints(base / "ckpt")
-    res = torchrun(SCENARIOS, [str(base / "ckpt"), str(base / "out")], cwd=base)
+    registry = write_registry(base / "registry.yaml", base / "ckpt")
+    with HubServer() as hub:
+        hub.add_file(REPO, COMMIT, "model.safetensors", base / "ckpt" / "model.safetensors", lfs=True)
+        res = torchrun(SCENARIOS, [str(base / "ckpt"), str(base / "out"), str(registry)], cwd=base,
+                       env={"HF_ENDPOINT": hub.url, "HUBLOAD_CACHE": str(base / "node-cache")})
+        hub.wait_idle()
+        gets = [r for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+        transfer = {"whole": sum(r.header("Range") is None for r in gets), "ranged": sum(r.header("Range") is not None
+                                                                                        for r in gets)}
     assert res.returncode == 0, res.stderr[-6000:]
     ranks = [json.loads((base / "out" / f"rank-{r}.json").read_text()) for r in range(NPROC)]
-    return {"state": state, **{name: [r[name] for r in ranks] for name in ranks[0]}}
+    return {"state": state, "hub_transfer": transfer, **{name: [r[name] for r in ranks] for name in ranks[0]}}
 
 
 def _chunks(n: int) -> list[int]:
@@ -110,6 +141,13 @@ def test_fully_shard_per_layer_holds_the_checkpoint_and_matches_the_dense_forwar
 def test_zip_pickle_shards_are_read_straight_from_the_file(job):
     # every one of the 6 sharded entries goes through the pread path (the buffer is not a DTensor)
     assert [rec["preads"] for rec in job["pickle_meta"]] == [6] * NPROC
+
+
+def test_registry_model_on_the_hub_is_downloaded_once_for_the_node(job):
+    _assert_loaded(job["hub_registry_entry"])
+    # local rank 0 downloaded the file once (after one Range read of its header for the pre-check); the other
+    # ranks read their shards from the node's cache
+    assert job["hub_transfer"] == {"whole": 1, "ranged": 1}, job["hub_transfer"]
 
 
 def test_uneven_last_shard_and_empty_shard(job):
