@@ -33,14 +33,9 @@ from hubload.errors import CheckpointError, HubloadError, IncompatibleWeightsErr
 from hubload.readers import ShardedReader
 from hubload.safetensors_io import SafetensorsReader, read_region
 
-__all__ = ["apply_sharded", "is_sharded", "local_box"]
+__all__ = ["apply_sharded", "local_box"]
 
 logger = logging.getLogger("hubload")
-
-
-def is_sharded(tensors: Any) -> bool:
-    """True if any of ``tensors`` (an iterable of tensors) is a DTensor."""
-    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def local_box(target: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -235,5 +230,11 @@ def apply_sharded(model: torch.nn.Module, report: Any, reader: Any, model_sd: Ma
         with torch.no_grad():
             for target, data in loaded.values():
                 (target.to_local() if isinstance(target, DTensor) else target).copy_(data)
+    if on_meta:
+        left = [n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor) and
+                (t.to_local() if isinstance(t, DTensor) else t).is_meta]
+        if left:
+            logger.warning("%s: %d tensors are still on the meta device (not in the checkpoint): %s; initialise them "
+                           "before use", type(model).__name__, len(left), ", ".join(left[:5]))
     return len(loaded)
 

@@ -59,7 +59,7 @@ def main() -> int:
         rel = float((got - want).abs().max() / want.abs().max())
         ok = rel <= 1e-5
         print(f"rank {rank}/{world}: local shards {shards}; sharded forward vs dense: max relative difference "
-              f"{rel:.1e} ({'OK' if ok else 'MISMATCH'})")
+              f"{rel:.1e} ({'OK' if ok else 'MISMATCH'})", flush=True)
         status = 0 if ok else 1
     dist.barrier()  # everyone has reported before anyone exits
     dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Where a torch pickle's tensors lie in the file, so a rank of a sharded model can read only its slice."""
+"""Reading one rank's box of a checkpoint tensor: torch pickle offsets and layout permutations."""
 
 from __future__ import annotations
 
@@ -37,3 +37,22 @@ def test_legacy_checkpoint_has_no_offsets(tmp_path):
     reader = TorchPickleReader(path)
     assert reader.data_offset("w") is None
     assert torch.equal(reader.get("w"), torch.ones(3))
+
+
+def test_a_permuted_layout_reads_the_matching_box_of_the_checkpoint(tmp_path):
+    # A keras-layout kernel [in, out] feeding a torch weight [out, in]: rank boxes are cut in canonical coordinates.
+    from safetensors.torch import save_file
+
+    from hubload.adapters.torch import _torch_dtype, relayout, to_torch
+    from hubload.adapters.torch_dtensor import _Loader
+    from hubload.layout import Transform
+    from hubload.safetensors_io import SafetensorsReader
+
+    kernel = torch.randn(12, 10)
+    save_file({"k": kernel}, str(tmp_path / "k.safetensors"))
+    loader = _Loader(SafetensorsReader(tmp_path / "k.safetensors"), to_torch, relayout, _torch_dtype)
+    canonical = kernel.t()
+    for offset, shape in [((0, 0), (3, 12)), ((9, 0), (1, 12)), ((2, 6), (5, 6)), ((0, 0), (0, 12))]:
+        got = loader.box("k", Transform(perm=(1, 0)), offset, shape)
+        assert got.is_contiguous()
+        assert torch.equal(got, canonical[offset[0]:offset[0] + shape[0], offset[1]:offset[1] + shape[1]])
