@@ -124,6 +124,10 @@ class Adapter(Protocol):
     def build(self, architecture: str, config: dict[str, Any]) -> Any:
         """Instantiate ``"module:callable"`` with ``config`` as keywords."""
 
+    def collective_load(self, model: Any) -> bool:
+        """True if loading ``model`` is collective across processes (sharded over torch.distributed ranks), so
+        the read-check-apply step must succeed on every rank or fail on every rank."""
+
     def build_scope(self, strategy: Any) -> Any:
         """Context manager to build a model under a distribution ``strategy`` (UsageError if unsupported)."""
 

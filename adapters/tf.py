@@ -933,6 +933,13 @@ from hubload.adapters.keras_behaviour import (  # noqa: E402  (behaviour checks,
     to_native_inputs,
 )
 
-__all__ += ["apply_options", "build_scope", "checkpoint_values", "describe", "dtype_policies",  # noqa: PLE0605
+
+
+def collective_load(model: Any) -> bool:
+    """Keras loads are per process: under tf.distribute each worker loads its own copy (no vote across workers)."""
+    return False
+
+
+__all__ += ["apply_options", "build_scope", "checkpoint_values", "collective_load", "describe", "dtype_policies",  # noqa: PLE0605
             "infer_inputs", "native_formats", "native_layout", "place", "read_tensor", "restore", "run", "snapshot",
             "to_canonical_inputs", "to_native_inputs"]

@@ -28,6 +28,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ __all__ = [
     "TorchPickleReader",
     "apply",
     "build",
+    "collective_load",
     "freeze",
     "name",
     "owns",
@@ -170,6 +172,7 @@ class TorchPickleReader(ReaderBase):
         top = self.key.split("/")[0] if self.key else None
         self.other_entries = sorted(str(k) for k in obj if k != top) if self.key else []
         self._tensors: dict[str, torch.Tensor] | None = {}
+        self._offsets: dict[str, int | None] | None = None
         self.skipped: list[str] = []
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
@@ -206,6 +209,45 @@ class TorchPickleReader(ReaderBase):
             raise CheckpointError(f"{self.path}: no tensor named {name!r} in this PyTorch checkpoint "
                                   f"({len(tensors)} tensors)")
         return tensors[name]
+
+    def data_offset(self, name: str) -> int | None:
+        """File offset of tensor ``name``'s first byte, when its bytes can be read straight from the file.
+
+        True of zip-format checkpoints (``torch.save`` since 1.6): each storage is an uncompressed zip record,
+        and a contiguous little-endian tensor is a plain row-major block inside it, so a rank of a sharded
+        model can ``pread`` its box like a safetensors tensor. The offsets come from a second, data-free
+        ``torch.load(map_location="meta", weights_only=True)``, which records where each storage begins.
+
+        Returns:
+            The offset, or None (legacy format, compressed or big-endian records, a non-contiguous view):
+            then the tensor is sliced from the memory map instead.
+        """
+        self._live()
+        if self._offsets is None:
+            self._offsets = self._file_offsets()
+        return self._offsets.get(name)
+
+    def _file_offsets(self) -> dict[str, int | None]:
+        """name -> file offset of the first byte (None where a direct read is not safe)."""
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = zf.infolist()
+                order = [i for i in infos if i.filename.endswith("/byteorder")]
+                if order and zf.read(order[0]).strip() != sys.byteorder.encode():
+                    return {}
+            if sys.byteorder != "little" or any("/data/" in i.filename and i.compress_type != zipfile.ZIP_STORED
+                                                for i in infos):
+                return {}
+            obj = torch.load(self.path, map_location="meta", weights_only=True)
+            _, state = _select(obj, self.key, self.path)
+        except (zipfile.BadZipFile, OSError, RuntimeError, pickle.UnpicklingError, CheckpointError):
+            return {}
+        out: dict[str, int | None] = {}
+        for k, v in state.items():
+            base = getattr(v.untyped_storage(), "_checkpoint_offset", None) if isinstance(v, torch.Tensor) else None
+            out[str(k)] = base + v.storage_offset() * v.element_size() if base is not None and v.is_contiguous() \
+                else None
+        return out
 
     def close(self) -> None:
         """Drop the references (tensors already handed out stay valid)."""
@@ -354,6 +396,22 @@ def owns(model: Any) -> bool:
     return isinstance(model, torch.nn.Module)
 
 
+def _sharded(tensors: Any) -> bool:
+    """True if any tensor is a DTensor (checked without importing torch.distributed: a DTensor model imported it)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def collective_load(model: torch.nn.Module) -> bool:
+    """True when loading into ``model`` is collective across ``torch.distributed`` ranks.
+
+    So it is for a model with DTensor parameters or buffers (FSDP2 ``fully_shard``, tensor parallel): each rank
+    reads its own shard, and the ranks agree before any of them changes its model, so every rank calls the load.
+    ``hubload.load`` then runs the whole read-check-apply step under :func:`hubload.distributed.all_or_nothing`.
+    """
+    return _sharded(model.state_dict(keep_vars=True).values())
+
+
 def spec(model: torch.nn.Module) -> dict[str, ModelTensor]:
     """The model's ``state_dict`` entries as canonical tensor specs (no data copied).
 
@@ -409,6 +467,13 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
     if model_spec is None:
         model_spec = spec(model)
     model_sd = {k: t.handle for k, t in model_spec.items()}  # spec handles are the state_dict tensors
+    if _sharded(model_sd.values()):  # FSDP2 / DTensor: each rank reads only its shard (adapters/torch_dtensor.py)
+        from hubload.adapters.torch_dtensor import apply_sharded
+
+        n = apply_sharded(model, report, reader, model_sd, dtype_policy=dtype_policy, device=device,
+                          to_torch=to_torch, relayout=relayout, torch_dtype=_torch_dtype, target_dtype=_target_dtype)
+        logger.info("loaded %d tensors into the local shards of %s", n, type(model).__name__)
+        return
     on_meta = any(v.is_meta for v in model_sd.values())
     assign = on_meta or dtype_policy != "model"
     storages = _FileStorages()

@@ -439,9 +439,22 @@ def keras_stream(ctx: Ctx) -> list[Row]:
     return ks.rows(ctx)
 
 
+def fsdp_rss(ctx: Ctx) -> list[Row]:
+    """(10) hubload.load into an FSDP2 model on meta, 4 ranks under torchrun (gloo): worst rank's peak RSS growth."""
+    import fsdp_rss as fr  # bench/fsdp_rss.py: the torchrun jobs and the per-rank measurement
+
+    rows = []
+    for size in (512,) if ctx.quick else (512, 1024):
+        m = fr.measure(ctx.work / "data", size)
+        ours, base, ratio, met = fr.row_text(m)
+        rows.append(Row("10", f"load {size} MiB into FSDP2 (meta, 4 ranks, gloo): per-rank peak RSS growth", ours, base,
+                        ratio, "<= 0.4x checkpoint", met, raw=m))
+    return rows
+
+
 SCENARIOS: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
     ("1", cold_pull), ("1d", cold_pull_disk), ("2", cold_pull_slow), ("3", sharded), ("4", warm_hit), ("5", load_torch), ("6", load_keras),
-    ("7", meta_rss), ("8", check_command), ("9", import_time), ("v", verify_cost), ("11", keras_stream),
+    ("7", meta_rss), ("8", check_command), ("9", import_time), ("10", fsdp_rss), ("v", verify_cost), ("11", keras_stream),
 ]
 
 

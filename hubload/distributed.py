@@ -13,22 +13,30 @@ Every rank must make the same sequence of calls: a hubload call made by only som
 hubload.pull(...)``) would wait for the others forever. Such code can pass ``distributed=False`` where the
 API offers it, or set ``HUBLOAD_DISTRIBUTED=0``. Calls nested inside ``fn`` (``load`` → ``pull``) run
 directly: only the outermost call is collective.
+
+A load into a sharded (DTensor) model is all or nothing across ranks: each rank reads its own shards, then
+every rank votes once with :func:`agree` before any model changes::
+
+    every rank:  check ─► read own shards ─┬─ agree (one all_gather_object) ─► commit
+                 a rank failed earlier ─────┘   (:func:`all_or_nothing` votes for it on the way out)
+                 one rank failed: every rank raises; nobody committed, nobody waits forever
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
 import pickle
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .errors import HubloadError
 
-__all__ = ["is_distributed", "local_rank", "run_once_per_node"]
+__all__ = ["agree", "all_or_nothing", "is_distributed", "local_rank", "run_once_per_node"]
 
 log = logging.getLogger("hubload")
 
@@ -39,6 +47,16 @@ T = TypeVar("T")
 _inside = contextvars.ContextVar("hubload_distributed_inside", default=False)
 
 _FALSE = {"0", "false", "no", "off"}
+
+
+class _Ballot:
+    """Whether this rank has voted in the current :func:`all_or_nothing` step."""
+
+    voted = False
+
+
+# The open all_or_nothing step of this rank (None outside one).
+_ballot: contextvars.ContextVar[_Ballot | None] = contextvars.ContextVar("hubload_distributed_ballot", default=None)
 
 
 def _process_group() -> Any | None:
@@ -211,3 +229,75 @@ def run_once_per_node(fn: Callable[[], T], *, label: str = "", enabled: bool | N
         r, s = failed2[0]
         raise _error(s, r, label, f"rank {r}")
     return result
+
+
+def agree(error: BaseException | None = None, *, label: str = "", enabled: bool | None = None) -> None:
+    """Vote with every rank on whether a step succeeded; raise on every rank if any rank failed.
+
+    One ``all_gather_object`` of a small status; every rank must call it once per step. Without an initialised
+    multi-rank process group (or with coordination off) it only raises ``error`` if there is one.
+
+    Args:
+        error: This rank's failure, or None.
+        label: Names the step in messages (a file, a model ID).
+        enabled: As for :func:`is_distributed`.
+
+    Raises:
+        Exception: ``error`` on the rank that had it; on the others, that error (when it unpickles to a
+            HubloadError) or a :class:`~hubload.errors.HubloadError` naming the failed rank.
+    """
+    if not is_distributed(enabled):
+        if error is not None:
+            raise error
+        return
+    ballot = _ballot.get()
+    if ballot is not None:
+        ballot.voted = True
+    dist = _process_group()
+    statuses = _gather(dist, _status(error))
+    failed = [(r, s) for r, s in enumerate(statuses) if not s["ok"]]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    r, s = failed[0]
+    exc = _error(s, r, label, f"rank {r}")
+    if not isinstance(exc, HubloadError):
+        wrapped = HubloadError(f"{label or 'hubload'}: rank {r} failed with {s['type']}: {s['message']}; nothing "
+                               "was loaded on any rank")
+        raise wrapped from exc
+    raise exc
+
+
+@contextlib.contextmanager
+def all_or_nothing(*, label: str = "", enabled: bool | None = None) -> Iterator[None]:
+    """A step that succeeds on every rank or fails on every rank, wherever in it a rank fails.
+
+    Inside, code votes with :func:`agree` just before it commits (the sharded torch apply does). A rank that
+    raises before voting votes "failed" on its way out, so the ranks waiting in :func:`agree` learn of it
+    instead of waiting forever; a rank that never needed to vote votes "ok" at the end. Every rank must enter
+    the step (same sequence of hubload calls on every rank).
+
+    Args:
+        label: Names the step in messages.
+        enabled: As for :func:`is_distributed`; False makes this a no-op.
+
+    Raises:
+        Exception: Any rank's failure, on every rank (see :func:`agree`).
+    """
+    if not is_distributed(enabled):
+        yield
+        return
+    ballot = _Ballot()
+    token = _ballot.set(ballot)
+    try:
+        yield
+    except Exception as exc:
+        if not ballot.voted:
+            agree(exc, label=label, enabled=enabled)  # raises exc here, and on the others their view of it
+        raise
+    else:
+        if not ballot.voted:
+            agree(None, label=label, enabled=enabled)
+    finally:
+        _ballot.reset(token)

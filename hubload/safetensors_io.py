@@ -28,7 +28,9 @@ __all__ = [
     "FLATTEN_ORDER_METADATA_KEY",
     "layout_from_metadata",
     "parse_safetensors_header",
+    "read_region",
     "read_safetensors_header",
+    "region_runs",
     "safetensors_header_length",
 ]
 
@@ -284,6 +286,32 @@ class SafetensorsReader(ReaderBase):
             self._map = _map_readonly(self.path, self.header.data_start + self.header.data_size)
         return self._map
 
+    def read_region(self, name: str, offset: tuple[int, ...] | list[int], shape: tuple[int, ...] | list[int],
+                    out: Any) -> None:
+        """Read a box of tensor ``name`` straight from the file into ``out``, without mapping the file.
+
+        A rank of a sharded model reads its local shard this way: ``pread`` into a buffer it already owns, so
+        no page of the file is mapped into the process and nothing outside the box is read.
+
+        Args:
+            name: Tensor name as stored in the file.
+            offset: Start index of the box in each dimension.
+            shape: Extent of the box in each dimension.
+            out: A writable, C-contiguous buffer of exactly ``prod(shape) * itemsize`` bytes (the box in row-major
+                order), e.g. ``memoryview`` of a preallocated array.
+
+        Raises:
+            CheckpointError: No such tensor, a box outside the tensor, a wrong buffer size, or the file is
+                shorter than its header says.
+        """
+        info = self.header.tensors.get(name)
+        if info is None:
+            raise self._unknown(name)
+        itemsize = _ITEMSIZE[info.dtype]
+        begin, _ = self.header.offsets[name]
+        read_region(self.path, self.header.data_start + begin, info.shape, itemsize, offset, shape, out,
+                    label=f"{self.path}: tensor {name!r}")
+
     def close(self) -> None:
         """Drop the memory map (arrays already handed out keep it alive until they go).
 
@@ -324,3 +352,103 @@ def _map_readonly(path: pathlib.Path, length: int) -> Any:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ)
     return np.frombuffer(mm, dtype=np.uint8)  # the array keeps the map alive after close()
+
+
+_ITEMSIZE = {dtype: size for dtype, size in SAFETENSORS_DTYPES.values()}
+
+
+def region_runs(global_shape: tuple[int, ...] | list[int], itemsize: int, offset: tuple[int, ...] | list[int],
+                shape: tuple[int, ...] | list[int]) -> tuple[int, list[int]]:
+    """The contiguous byte runs of a box inside a row-major tensor: ``(run_bytes, [start byte of each run])``.
+
+    Trailing dimensions the box covers whole are merged into one run, so a box cut along dim 0 (FSDP's
+    ``Shard(0)``) is a single run and a column shard of a matrix is one run per row. The starts come in
+    increasing order, which is the box's own row-major order.
+    """
+    ndim = len(global_shape)
+    if len(offset) != ndim or len(shape) != ndim:
+        raise ValueError(f"box offset {list(offset)} / shape {list(shape)} do not match a rank-{ndim} tensor")
+    for d in range(ndim):
+        if offset[d] < 0 or shape[d] < 0 or offset[d] + shape[d] > global_shape[d]:
+            raise ValueError(f"box [{list(offset)} + {list(shape)}] lies outside shape {list(global_shape)}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count == 0:
+        return 0, []
+    strides = [itemsize] * ndim
+    for d in range(ndim - 2, -1, -1):
+        strides[d] = strides[d + 1] * global_shape[d + 1]
+    # k: the first dimension from which the box is contiguous (every later dim taken whole).
+    k = ndim
+    while k > 0 and (k == ndim or (offset[k] == 0 and shape[k] == global_shape[k])):
+        k -= 1
+    if ndim == 0:
+        return itemsize, [0]
+    run = shape[k] * strides[k]
+    starts = [sum(offset[d] * strides[d] for d in range(ndim))]
+    for d in range(k - 1, -1, -1):  # expand over the outer dims, innermost first
+        starts = [s + i * strides[d] for i in range(shape[d]) for s in starts] if shape[d] > 1 else starts
+    starts.sort()
+    return run, starts
+
+
+def read_region(path: str | os.PathLike[str], data_offset: int, global_shape: tuple[int, ...] | list[int],
+                itemsize: int, offset: tuple[int, ...] | list[int], shape: tuple[int, ...] | list[int], out: Any,
+                *, label: str = "") -> None:
+    """``pread`` a box of a row-major tensor stored at ``data_offset`` in ``path`` into the buffer ``out``.
+
+    Args:
+        path: The file.
+        data_offset: File offset of the tensor's first byte.
+        global_shape: The stored tensor's shape.
+        itemsize: Bytes per element.
+        offset: Start index of the box per dimension.
+        shape: Extent of the box per dimension.
+        out: Writable buffer of exactly the box's size, filled in row-major order.
+        label: Names the tensor in error messages.
+
+    Raises:
+        CheckpointError: Bad box or buffer size, an I/O error, or the file ends early.
+    """
+    where = label or str(path)
+    try:
+        run, starts = region_runs(global_shape, itemsize, offset, shape)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    view = memoryview(out)
+    if view.nbytes != run * len(starts):
+        raise CheckpointError(f"{where}: buffer holds {view.nbytes} bytes, the box needs {run * len(starts)}")
+    if not starts:
+        return
+    view = view.cast("B")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot open the file: {exc}") from exc
+    try:
+        pos = 0
+        for start in starts:
+            _pread_exact(fd, view[pos:pos + run], data_offset + start, where)
+            pos += run
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, dest: memoryview, at: int, where: str) -> None:
+    """Fill ``dest`` from file offset ``at`` (``os.preadv`` straight into it where the OS has it)."""
+    done = 0
+    while done < len(dest):
+        try:
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [dest[done:]], at + done)
+            else:  # Windows: no preadv; seek + readinto on the fd
+                os.lseek(fd, at + done, os.SEEK_SET)
+                with open(fd, "rb", buffering=0, closefd=False) as f:
+                    n = f.readinto(dest[done:]) or 0
+        except OSError as exc:
+            raise CheckpointError(f"{where}: read failed at byte {at + done}: {exc}") from exc
+        if n == 0:
+            raise CheckpointError(f"{where}: the file ends at byte {at + done}, inside the tensor; it is truncated "
+                                  "— delete it and download again")
+        done += n

@@ -77,13 +77,13 @@ def _example_module() -> types.ModuleType:
 
 def _torchrun(script: Path, args: list[str], *, endpoint: str, cache: Path, cwd: Path,
               nproc: int = NPROC) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc-per-node N script args`` with a hard timeout (kills the process group)."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip(f"torchrun not found next to {sys.executable}")
+    """Run ``torchrun --standalone --nproc-per-node N script args`` with a hard timeout (kills the process group).
+
+    ``python -m torch.distributed.run`` is torchrun itself, and needs no console script next to the interpreter.
+    """
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HUBLOAD_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [str(torchrun), "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), str(script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), str(script), *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -358,6 +358,51 @@ def test_disabled_runs_everywhere(ranks, monkeypatch):
     monkeypatch.setenv("HUBLOAD_DISTRIBUTED", "0")
     assert ranks.run(lambda rank: distributed.run_once_per_node(lambda: rank)) == [0, 1, 2, 3]
     assert ranks.gathers == 0
+
+
+def test_all_or_nothing_a_failure_before_the_vote_reaches_ranks_waiting_in_agree(ranks):
+    committed: list[int] = []
+
+    def target(rank: int) -> None:
+        with distributed.all_or_nothing(label="ckpt.safetensors"):
+            if rank == 1:  # fails in its check: never reaches agree()
+                raise hubload.IncompatibleWeightsError("fc1.weight: [10, 12] vs [14, 12]")
+            distributed.agree(None, label="ckpt.safetensors")  # the others vote ok, then would commit
+            committed.append(rank)
+
+    results = ranks.run(target)
+    assert all(isinstance(r, hubload.IncompatibleWeightsError) and "fc1.weight" in str(r) for r in results), results
+    assert committed == []
+    assert ranks.gathers == 1  # one vote per rank, wherever it failed
+
+
+def test_all_or_nothing_non_hubload_error_becomes_hubload_error_elsewhere(ranks):
+    def target(rank: int) -> None:
+        with distributed.all_or_nothing(label="ckpt"):
+            distributed.agree(KeyError("boom") if rank == 3 else None, label="ckpt")
+
+    results = ranks.run(target)
+    assert isinstance(results[3], KeyError)
+    for r in results[:3]:
+        assert isinstance(r, hubload.HubloadError) and "rank 3" in str(r) and "boom" in str(r)
+
+
+def test_all_or_nothing_votes_ok_for_ranks_that_never_voted(ranks):
+    def target(rank: int) -> str:
+        with distributed.all_or_nothing(label="x"):
+            return "done"
+
+    assert ranks.run(target) == ["done"] * 4
+    assert ranks.gathers == 1
+
+
+def test_agree_single_process_just_raises(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch.distributed", raising=False)
+    distributed.agree(None)
+    with distributed.all_or_nothing(label="x"):
+        pass
+    with pytest.raises(hubload.CheckpointError):
+        distributed.agree(hubload.CheckpointError("bad"))
 
 
 def test_local_rank_sources(monkeypatch):

@@ -39,7 +39,7 @@ def _accuracy(out: str, label: str) -> float:
 
 
 def test_every_example_is_tested():
-    tested = {"finetune_torch.py", "finetune_keras.py", "cross_framework.py", "sentence_head.py"}
+    tested = {"finetune_torch.py", "finetune_keras.py", "cross_framework.py", "sentence_head.py", "fsdp_load.py"}
     # torchrun_pull.py: tests/test_distributed.py; train_seed_mlp.py and demo.py: not issue 5's (tested by their owners)
     elsewhere = {"torchrun_pull.py", "train_seed_mlp.py", "demo.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested | elsewhere
@@ -105,3 +105,21 @@ def test_sentence_head(tmp_path, framework):
     before = float(re.search(r"^accuracy before: (\d\.\d+)", out, re.M).group(1))
     after = float(re.search(r"^accuracy after: (\d\.\d+)", out, re.M).group(1))
     assert after >= 0.8 and after > before + 0.3
+
+
+def test_fsdp_load_under_torchrun(tmp_path):
+    """examples/fsdp_load.py on 4 CPU ranks: uneven shards of the seed MLP, sharded forward equal to the dense one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(EXAMPLES / "fsdp_load.py"), "--cache", str(tmp_path / "cache")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
+    assert res.returncode == 0, f"fsdp_load.py failed:\n{res.stdout}\n{res.stderr[-4000:]}"
+    # torchrun forwards the ranks' output as it comes: lines may run together, so match each report whole
+    lines = {int(m.group(1)): m.group(2) for m in re.finditer(
+        r"rank (\d)/4: (local shards \{[^}]*\}; sharded forward vs dense: [^()]*\((?:OK|MISMATCH)\))", res.stdout)}
+    assert sorted(lines) == [0, 1, 2, 3], res.stdout
+    for rank, line in lines.items():
+        assert line.endswith("(OK)"), line
+        rows = 1 if rank == 3 else 3  # 10 classes over 4 ranks: FSDP2's uneven last shard
+        assert "'dense1.weight': [16, 64]" in line and f"'dense2.weight': [{rows}, 64]" in line, line

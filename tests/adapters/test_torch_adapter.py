@@ -479,6 +479,7 @@ def test_get_adapter_entry_point_fallback(tmp_path, monkeypatch):
         def build(architecture, config): return None
         # The rest of the Protocol (everything hubload.load/check use), so the fake is a complete adapter.
         native_layout, native_formats, apply_options, dtype_policies = "torch", (), frozenset(), None
+        def collective_load(model): return False
         def build_scope(strategy): raise NotImplementedError
         def place(model, device): return model
         def freeze(model, names): pass
