@@ -25,7 +25,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import hubload
-from hubload.adapters.zoo_torch import mlp
+from hubload.zoo.torch_models import mlp
 
 
 def main() -> int:

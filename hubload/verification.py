@@ -125,6 +125,15 @@ def make_plan(*, adapter: Any, model: Any, spec: Mapping[str, Any], reference: A
                              f"got {type(reference).__name__}")
         ref_spec = ref_adapter.spec(reference)
     plan = Plan(adapter, model, spec, ref_adapter, reference, ref_spec, probe, None, False, label)
+    if adapter.collective_load(model):
+        # A sharded model's forward pass is a collective that every rank must run together; hubload checks the
+        # global names, shapes and dtypes and copies each rank's exact slice, but does not run the model.
+        if verify is True or reference is not None:
+            raise UsageError(f"{label}: numeric verification (verify=True or reference=) is not supported for a "
+                             "model sharded across torch.distributed ranks (FSDP2/DTensor); verify the dense model "
+                             "before sharding it, or pass verify='auto'")
+        log.info("%s: a sharded model; numeric verification skipped (names, shapes and dtypes are checked)", label)
+        return plan
     if example_inputs is not None:
         given = list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs]
         plan.inputs = adapter.to_canonical_inputs(model, given)

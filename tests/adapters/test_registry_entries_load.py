@@ -1,4 +1,4 @@
-"""Issue 4, "Done when": ``hubload.load("id", framework=...)`` for real registry entries, checked before download.
+"""Built-in registry entries end to end: ``hubload.load("id", framework=...)`` checked before the download.
 
 The real all-MiniLM-L6-v2 file is served by the local Hub look-alike (``HF_ENDPOINT``); everything else is
 a tiny checkpoint generated from the torch twins and served by the local Hub or file server. The MiniLM
