@@ -44,6 +44,7 @@ __all__ = [
     "ModelTensor",
     "call_architecture",
     "get_adapter",
+    "nothing_loaded_error",
     "resolve_architecture",
 ]
 
@@ -173,7 +174,7 @@ class Adapter(Protocol):
         """The framework's inputs in the canonical (channels-first) convention."""
 
 
-def _nothing_loaded_error(reader: Any, model: Any, problems: list[str], report: Any,
+def nothing_loaded_error(reader: Any, model: Any, problems: list[str], report: Any,
                           verb: str) -> IncompatibleWeightsError:
     """The all-or-nothing refusal of an adapter's ``apply``: every problem listed, nothing was ``verb``."""
     return IncompatibleWeightsError(

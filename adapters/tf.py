@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hubload.adapters import ModelTensor, _nothing_loaded_error, call_architecture
+from hubload.adapters import ModelTensor, nothing_loaded_error, call_architecture
 from hubload.adapters._keras_paths import attribute_entries, walk
 from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype, numpy_dtype, to_numpy
 from hubload.errors import (
@@ -673,7 +673,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
             problems.append(f"{binding.layer}: {binding.rule.name} converts its tensors together; the checkpoint "
                             f"lacks {missing} (load all of them, or exclude all of them)")
     if problems:
-        raise _nothing_loaded_error(reader, model, problems, report, "assigned")
+        raise nothing_loaded_error(reader, model, problems, report, "assigned")
 
     source = _TensorSource(reader)
     spool = _Spool() if rollback else None

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from hubload.adapters import ModelTensor, _nothing_loaded_error, call_architecture
+from hubload.adapters import ModelTensor, nothing_loaded_error, call_architecture
 from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype
 from hubload.errors import (
     CheckpointError,
@@ -507,7 +507,7 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
                 t = t.to(dev)
         converted[m.key] = t
     if problems:
-        raise _nothing_loaded_error(reader, model, problems, report, "copied")
+        raise nothing_loaded_error(reader, model, problems, report, "copied")
 
     result = model.load_state_dict(converted, strict=False, assign=assign)
     expected_missing = set(model_sd) - set(converted)

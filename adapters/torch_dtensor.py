@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from hubload import distributed
-from hubload.adapters import _nothing_loaded_error
+from hubload.adapters import nothing_loaded_error
 from hubload.errors import CheckpointError, HubloadError, IncompatibleWeightsError
 from hubload.readers import ShardedReader
 from hubload.safetensors_io import SafetensorsReader, read_region
@@ -205,7 +205,7 @@ def apply_sharded(model: torch.nn.Module, report: Any, reader: Any, model_sd: Ma
             mesh = target.device_mesh if isinstance(target, DTensor) else None
             loaded[m.key] = (target, data.to(_device_for(target.to_local() if mesh else target, mesh, device)))
         if problems:
-            raise _nothing_loaded_error(reader, model, problems, report, "copied on any rank")
+            raise nothing_loaded_error(reader, model, problems, report, "copied on any rank")
     except HubloadError as exc:
         error = exc
     except Exception as exc:  # a raw torch / OS error while reading: name the file, keep the cause

@@ -320,7 +320,7 @@ def _validate_file(ctx: _Ctx, node: Node, idx: int) -> FileSpec:
     return FileSpec(path=path, sha256=sha, size=size, sha256_prefix=prefix)
 
 
-def _infer_format(files: tuple[FileSpec, ...]) -> str | None:
+def infer_format(files: tuple[FileSpec, ...]) -> str | None:
     """Guess the format from the first file's suffix."""
     for f in files:
         name = f.path.lower()
@@ -386,7 +386,7 @@ def _validate_entry(ctx: _Ctx, node: Node, base_dir: str | None) -> ModelEntry:
             raise ctx.fail(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}", field="format",
                            line=items["format"].line)
     else:
-        inferred = _infer_format(files)
+        inferred = infer_format(files)
         if inferred is None:
             raise ctx.fail(f"cannot infer the format from the file names; add 'format:' ({', '.join(FORMATS)})",
                            field="format", line=node.line)

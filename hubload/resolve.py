@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from . import config
 from .cache import Cache
 from .errors import CheckpointError, HubloadError, ModelNotFoundError
-from .registry import FileSpec, ModelEntry, RegistryArg, _infer_format, check_relative_path, load_registry
+from .registry import FileSpec, ModelEntry, RegistryArg, infer_format, check_relative_path, load_registry
 from .safetensors_io import layout_from_metadata
 from .sources import resolve_file, resolve_hf_revision
 
@@ -101,7 +101,7 @@ def _adhoc_id(url: str) -> str:
 
 def _adhoc_entry(label: str, source: str, files: tuple[FileSpec, ...], revision: str | None = None) -> ModelEntry:
     """An unregistered entry for a URL source (verified by the Hub's hash, or hashed and recorded)."""
-    fmt = _infer_format(files) or "safetensors"
+    fmt = infer_format(files) or "safetensors"
     return ModelEntry(id=_adhoc_id(label), source=source, files=files, format=fmt, revision=revision)
 
 
