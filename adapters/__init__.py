@@ -175,7 +175,7 @@ class Adapter(Protocol):
 
 
 def nothing_loaded_error(reader: Any, model: Any, problems: list[str], report: Any,
-                          verb: str) -> IncompatibleWeightsError:
+                         verb: str) -> IncompatibleWeightsError:
     """The all-or-nothing refusal of an adapter's ``apply``: every problem listed, nothing was ``verb``."""
     return IncompatibleWeightsError(
         f"{getattr(reader, 'path', 'checkpoint')}: {len(problems)} tensor(s) cannot be loaded into "
