@@ -556,29 +556,63 @@ class _TensorSource:
         self._buf = None
 
 
+# Old values up to this many bytes are kept as references to the variables' own buffers (free: an ``assign``
+# then writes a new buffer); beyond it they are spooled to a temporary file, so a large load stays streaming.
+ROLLBACK_IN_MEMORY = 128 * 2**20
+
+
+def _plain_tf_variable(var: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras variable when it is a plain (undistributed) one, else None."""
+    inner = getattr(var, "value", var)
+    if isinstance(inner, tf.Variable) and getattr(inner, "_distribute_strategy", None) is None \
+            and hasattr(inner, "read_value"):
+        return inner
+    return None
+
+
 class _Spool:
-    """Old values of assigned variables, written to a temporary file, for a rollback without a copy in memory."""
+    """Old values of assigned variables, for a rollback without a second copy of the model in memory.
 
-    def __init__(self) -> None:
-        import tempfile
+    The first :data:`ROLLBACK_IN_MEMORY` bytes are held as tensors that share the variables' current buffers
+    (``read_value`` of a plain ``tf.Variable`` does not copy, and a later ``assign`` then leaves that buffer
+    alone), so a small model's rollback costs neither a copy nor a write. The rest is written to a temporary
+    file just before each assignment, so peak memory stays about a tensor, not the checkpoint.
+    """
 
-        self._file = tempfile.TemporaryFile(prefix="hubload-rollback-")
-        self._saved: list[tuple[Any, int, tuple[int, ...], np.dtype]] = []
+    def __init__(self, in_memory: int = ROLLBACK_IN_MEMORY) -> None:
+        self._budget = in_memory
+        self._file: Any = None
+        self._saved: list[tuple[Any, Any, int, tuple[int, ...], np.dtype]] = []
 
     def save(self, var: Any) -> None:
+        nbytes = int(np.prod(var.shape, dtype=np.int64)) * np.dtype(numpy_dtype(canonical_dtype(var.dtype))).itemsize
+        inner = _plain_tf_variable(var) if nbytes <= self._budget else None
+        if inner is not None:
+            self._budget -= nbytes
+            self._saved.append((var, inner.read_value(), 0, (), np.dtype("uint8")))
+            return
+        if self._file is None:
+            import tempfile
+
+            self._file = tempfile.TemporaryFile(prefix="hubload-rollback-")  # noqa: SIM115 - closed in close()
         old = np.asarray(var.numpy())
-        self._saved.append((var, self._file.tell(), old.shape, old.dtype))
+        self._saved.append((var, None, self._file.tell(), old.shape, old.dtype))
         self._file.write(memoryview(np.ascontiguousarray(old)).cast("B"))
 
     def restore(self, model: Any) -> None:
         with _strategy_scope(model):
-            for var, offset, shape, dtype in reversed(self._saved):
+            for var, held, offset, shape, dtype in reversed(self._saved):
+                if held is not None:
+                    var.assign(held)
+                    continue
                 self._file.seek(offset)
                 var.assign(np.fromfile(self._file, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))
                                        ).reshape(shape))
 
     def close(self) -> None:
-        self._file.close()
+        self._saved.clear()
+        if self._file is not None:
+            self._file.close()
 
 
 def _after_load(model: Any, assigned: set[int]) -> None:
