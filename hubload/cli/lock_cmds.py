@@ -13,8 +13,7 @@ from .. import config
 from ..cache import Cache
 from ..errors import HubloadError, RegistryError
 from ..registry import _HEX40, ModelEntry, parse_registry
-from ._common import echo_json
-from .add_cmds import exit_code
+from ._common import echo_json, fail
 
 __all__ = ["register", "unpinned_reasons"]
 
@@ -130,14 +129,7 @@ def lock_cmd(files: tuple[str, ...], check: bool, as_json: bool) -> None:
                         row["still_unpinned"] = unpinned_reasons(after[row["id"]])
                         left += bool(row["still_unpinned"])
     except HubloadError as exc:
-        if config.debug():
-            raise
-        code = exit_code(exc)
-        if as_json:
-            echo_json({"ok": False, "error": type(exc).__name__, "message": str(exc), "exit_code": code})
-        else:
-            click.echo(f"hubload: error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(code)
+        fail(exc, as_json)
     if as_json:
         echo_json({"ok": not (check and result) and not left, "entries": result})
     else:
