@@ -39,6 +39,7 @@ from ._yaml import Node, plain, to_nodes, yaml_nodes
 from .errors import ModelNotFoundError, RegistryError
 
 __all__ = [
+    "COMMIT_HASH",
     "FORMATS",
     "LAYOUTS",
     "FileSpec",
@@ -57,8 +58,9 @@ LAYOUTS = ("torch", "keras")
 FRAMEWORKS = ("torch", "tf")
 SCHEMES = ("hf", "https", "http", "file")
 
-# Shared with sources.py and archive.py, which import them from here.
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")  # a full git commit hash
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")  # a full git commit hash (resolve.py, cli/lock_cmds.py use it)
+# Shared with sources.py and archive.py, which import them from here (_HEX40 is COMMIT_HASH's old name).
+_HEX40 = COMMIT_HASH
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")  # a full sha256 hex digest
 _HEXPREFIX = re.compile(r"^[0-9a-f]{8,63}$")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -162,7 +164,7 @@ class ModelEntry:
     @property
     def pinned(self) -> bool:
         """True when every file has a full sha256 and an hf:// source is pinned to a commit."""
-        if self.scheme == "hf" and not (self.revision and _HEX40.match(self.revision)):
+        if self.scheme == "hf" and not (self.revision and COMMIT_HASH.match(self.revision)):
             return False
         return all(f.pinned for f in self.files)
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from . import config
 from .cache import Cache
 from .errors import CheckpointError, HubloadError, ModelNotFoundError
-from .registry import FileSpec, ModelEntry, RegistryArg, infer_format, check_relative_path, load_registry
+from .registry import COMMIT_HASH, FileSpec, ModelEntry, RegistryArg, infer_format, check_relative_path, load_registry
 from .safetensors_io import layout_from_metadata
 from .sources import resolve_file, resolve_hf_revision
 
@@ -132,13 +132,12 @@ def _hub_repo_entry(source: str, repo: str, rev: str | None, *, cache: Cache | N
     or tag is re-resolved online (it may move); offline, the last record is used.
     """
     from .hub_repo import RepoResolution, resolve_repo
-    from .registry import _HEX40
 
     cache = cache or Cache()
     want = rev or "main"
     record = _resolution_path(cache, repo, want)
     res = None
-    if _HEX40.match(want) or config.is_offline(offline):
+    if COMMIT_HASH.match(want) or config.is_offline(offline):
         try:
             res = RepoResolution.from_json(json.loads(record.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
@@ -149,7 +148,7 @@ def _hub_repo_entry(source: str, repo: str, rev: str | None, *, cache: Cache | N
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(res.to_json(), indent=1))
         os.replace(tmp, record)
-    level = logging.INFO if _HEX40.match(want) else logging.WARNING
+    level = logging.INFO if COMMIT_HASH.match(want) else logging.WARNING
     log.log(level, "%s has no registry entry: resolved in memory to commit %s (%s); run `hubload add %s` for a "
             "reproducible, reviewed pin", source, res.commit, res.weights.reason, f"hf://{repo}@{res.commit}")
     files = tuple(FileSpec(path=f["path"], sha256=f.get("sha256"), size=f.get("size")) for f in res.files)

@@ -12,7 +12,7 @@ import click
 from .. import config
 from ..cache import Cache
 from ..errors import HubloadError, RegistryError
-from ..registry import _HEX40, ModelEntry, parse_registry
+from ..registry import COMMIT_HASH, ModelEntry, parse_registry
 from ._common import echo_json, fail
 
 __all__ = ["register", "unpinned_reasons"]
@@ -21,7 +21,7 @@ __all__ = ["register", "unpinned_reasons"]
 def unpinned_reasons(entry: ModelEntry) -> list[str]:
     """Why an entry is not fully pinned (empty when it is): a moving revision, a missing sha256 or size."""
     out = []
-    if entry.scheme == "hf" and not (entry.revision and _HEX40.match(entry.revision)):
+    if entry.scheme == "hf" and not (entry.revision and COMMIT_HASH.match(entry.revision)):
         out.append(f"revision {entry.revision or 'main'!r} is a branch or tag, not a commit")
     for f in entry.files:
         if f.sha256 is None:
