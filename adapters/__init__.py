@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from hubload.errors import HubloadError, IncompatibleWeightsError, MissingDependencyError, RegistryError
+from hubload.errors import IncompatibleWeightsError, MissingDependencyError, RegistryError, UsageError
 
 __all__ = [
     "ADAPTER_ALIASES",
@@ -233,7 +233,7 @@ def get_adapter(name_or_model: str | Any) -> Any:
 
     Raises:
         MissingDependencyError: The framework is not installed (the message gives the pip extra).
-        HubloadError: No adapter knows this name or model.
+        UsageError: No adapter knows this name or model.
     """
     if isinstance(name_or_model, str):
         key = name_or_model.strip().lower()
@@ -243,8 +243,8 @@ def get_adapter(name_or_model: str | Any) -> Any:
         if key in eps:
             return _load_entry_point(eps[key])
         known = sorted(set(ADAPTER_ALIASES) | set(eps))
-        raise HubloadError(f"no hubload adapter named {name_or_model!r}; known: {', '.join(known)}. "
-                           f"Third-party adapters register an entry point in the {ENTRY_POINT_GROUP!r} group.")
+        raise UsageError(f"no hubload adapter named {name_or_model!r}; known: {', '.join(known)}. "
+                         f"Third-party adapters register an entry point in the {ENTRY_POINT_GROUP!r} group.")
 
     model = name_or_model
     roots = _roots_of(model)
@@ -260,9 +260,9 @@ def get_adapter(name_or_model: str | Any) -> Any:
             adapter = _load_entry_point(eps[root])
             if adapter.owns(model):
                 return adapter
-    raise HubloadError(f"no hubload adapter handles a {type(model).__module__}.{type(model).__qualname__}; "
-                       "pass a torch.nn.Module or a keras Model/Layer, or install an adapter that registers "
-                       f"an entry point named after its framework in the {ENTRY_POINT_GROUP!r} group.")
+    raise UsageError(f"no hubload adapter handles a {type(model).__module__}.{type(model).__qualname__}; "
+                     "pass a torch.nn.Module or a keras Model/Layer, or install an adapter that registers "
+                     f"an entry point named after its framework in the {ENTRY_POINT_GROUP!r} group.")
 
 
 def resolve_architecture(architecture: str) -> Any:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import keras
 
-from hubload.errors import HubloadError
+from hubload.errors import MissingDependencyError
 from hubload.keras_layers import container_segments, functional_segments, snake_case
 
 try:  # private, but the walk must match Keras' own exactly
@@ -112,11 +112,12 @@ def walk(model: Any, layers: list[tuple[Any, tuple[str, ...]]] | None = None) ->
         The entries (weights, seed-generator state, optimizer variables ...), each saved object once.
 
     Raises:
-        HubloadError: This Keras has no ``saving_lib`` walk.
+        MissingDependencyError: This Keras has no ``saving_lib`` walk.
     """
     if _walk_saveable is None:
-        raise HubloadError(f"keras {keras.__version__}: keras.src.saving.saving_lib is missing; hubload needs "
-                           "Keras 3 to name a model's variables")
+        raise MissingDependencyError(f"keras {keras.__version__}", "tf",
+                                     detail="keras.src.saving.saving_lib is missing; hubload needs Keras 3 to name "
+                                            "a model's variables")
     _prime_skipsets()
     out: list[KerasEntry] = []
     visited: set[int] = set()

@@ -50,6 +50,7 @@ from hubload.errors import (
     IncompatibleWeightsError,
     RegistryError,
     UnsafeCheckpointError,
+    UsageError,
 )
 from hubload.keras_layers import GroupRule, name_leaf, rnn_group_for, spec_for_mro
 from hubload.layout import TF_VARIABLE_SUFFIX, apply_transform, to_canonical
@@ -235,8 +236,8 @@ def owns(model: Any) -> bool:
 def _require_built(model: Any) -> None:
     """Refuse a model whose variables do not exist yet."""
     if not getattr(model, "built", False) or not model.weights:
-        raise HubloadError(f"{type(model).__name__} is not built (it has no variables yet); build it first, "
-                           "e.g. call it once on a sample input (model(x)) or model.build(input_shape)")
+        raise UsageError(f"{type(model).__name__} is not built (it has no variables yet); build it first, "
+                         "e.g. call it once on a sample input (model(x)) or model.build(input_shape)")
 
 
 def _mro_names(layer: Any) -> list[str]:
@@ -657,7 +658,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
         ValueError: An unsupported ``dtype_policy``.
     """
     if dtype_policy != "model":
-        raise ValueError(f"dtype_policy={dtype_policy!r}: Keras variables keep their dtype, only 'model' is "
+        raise UsageError(f"dtype_policy={dtype_policy!r}: Keras variables keep their dtype, only 'model' is "
                          "supported; build the model with the dtype you want")
     report.raise_if_incompatible()
     if model_spec is None:
@@ -769,7 +770,7 @@ def freeze(model: Any, names: list[str]) -> None:
     model_spec = spec(model)
     unknown = [n for n in names if n not in model_spec]
     if unknown:
-        raise HubloadError(f"{type(model).__name__}: cannot freeze {unknown[:5]}: no such variable")
+        raise UsageError(f"{type(model).__name__}: cannot freeze {unknown[:5]}: no such variable")
     for n in names:
         model_spec[n].handle.trainable = False
 

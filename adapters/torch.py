@@ -40,10 +40,10 @@ from hubload.adapters import ModelTensor, nothing_loaded_error, call_architectur
 from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype
 from hubload.errors import (
     CheckpointError,
-    HubloadError,
     IncompatibleWeightsError,
     RegistryError,
     UnsafeCheckpointError,
+    UsageError,
 )
 from hubload.layout import Transform
 from hubload.readers import ShardedReader
@@ -539,7 +539,7 @@ def freeze(model: torch.nn.Module, names: list[str]) -> None:
     buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     unknown = [n for n in names if n not in params and n not in buffers]
     if unknown:
-        raise HubloadError(f"{type(model).__name__}: cannot freeze {unknown[:5]}: no such parameter")
+        raise UsageError(f"{type(model).__name__}: cannot freeze {unknown[:5]}: no such parameter")
     for n in names:
         if n in params:
             params[n].requires_grad_(False)

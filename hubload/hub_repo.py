@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import config
-from .errors import AccessDeniedError, DownloadError, HubloadError, ModelNotFoundError, NoWeightsError, OfflineError
+from .errors import (AccessDeniedError, CheckpointError, DownloadError, HubloadError, ModelNotFoundError,
+                     NoWeightsError, OfflineError, UsageError)
 
 __all__ = ["RepoFetcher", "RepoFile", "RepoResolution", "RepoSnapshot", "WeightChoice", "choose_weights", "repo_snapshot",
            "resolve_repo"]
@@ -245,7 +246,7 @@ def choose_weights(snap: RepoSnapshot, read_index: Any = None) -> WeightChoice:
             reason = "pytorch_model.bin (no safetensors in the repo; read with torch.load(weights_only=True))"
             return WeightChoice((index,), fmt, reason)
         if read_index is None:
-            raise HubloadError(f"{index}: a shard index needs read_index")
+            raise UsageError(f"{index}: choosing the weights of a sharded repo needs read_index= to read the index")
         shards = _complete_index(snap, index, dict(read_index(index).get("weight_map") or {}))
         return WeightChoice((index, *shards), fmt, f"{index} with all {len(shards)} shards ({what})")
     if "tf_model.h5" in have:
@@ -302,10 +303,12 @@ class RepoFetcher:
         try:
             data = json.loads(self.whole(path))
         except ValueError as exc:
-            raise HubloadError(f"hf://{self.snap.repo_id}@{self.snap.commit}: {path} is not valid JSON: {exc}") \
+            raise CheckpointError(f"hf://{self.snap.repo_id}@{self.snap.commit}: {path} is not valid JSON ({exc}); "
+                                  "the repo is broken at this commit: pin another revision (@REV)") \
                 from None
         if not isinstance(data, dict):
-            raise HubloadError(f"hf://{self.snap.repo_id}@{self.snap.commit}: {path} is not a JSON object")
+            raise CheckpointError(f"hf://{self.snap.repo_id}@{self.snap.commit}: {path} is not a JSON object; "
+                                  "the repo is broken at this commit: pin another revision (@REV)")
         return data
 
     def safetensors_layout(self, path: str) -> str:

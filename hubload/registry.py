@@ -36,11 +36,13 @@ from urllib.parse import quote, unquote, urlsplit
 
 from . import config
 from ._yaml import Node, plain, to_nodes, yaml_nodes
-from .errors import ModelNotFoundError, RegistryError
+from .errors import ModelNotFoundError, RegistryError, UsageError
 
 __all__ = [
+    "COMMIT_HASH",
     "FORMATS",
     "LAYOUTS",
+    "SHA256_HEX",
     "FileSpec",
     "ModelEntry",
     "Registry",
@@ -57,9 +59,11 @@ LAYOUTS = ("torch", "keras")
 FRAMEWORKS = ("torch", "tf")
 SCHEMES = ("hf", "https", "http", "file")
 
-# Shared with sources.py and archive.py, which import them from here.
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")  # a full git commit hash
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")  # a full sha256 hex digest
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")  # a full git commit hash (resolve.py, cli/lock_cmds.py use it)
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a full sha256 hex digest
+# Shared with sources.py and archive.py, which import them from here (their old names).
+_HEX40 = COMMIT_HASH
+_HEX64 = SHA256_HEX
 _HEXPREFIX = re.compile(r"^[0-9a-f]{8,63}$")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -81,22 +85,22 @@ RegistryArg = Union["Registry", str, os.PathLike, Mapping[str, Any], Iterable[Un
 
 
 def check_relative_path(path: str) -> str:
-    """Return ``path`` if it is a safe relative POSIX path inside its folder, else raise ValueError.
+    """Return ``path`` if it is a safe relative POSIX path inside its folder, else raise UsageError.
 
     Refused: empty, absolute (``/x``, ``C:x``), ``..`` or ``.`` segments, backslashes, empty segments,
     NUL or control characters.
     """
     if not isinstance(path, str) or not path:
-        raise ValueError("the path is empty")
+        raise UsageError("the path is empty")
     if "\\" in path:
-        raise ValueError(f"{path!r} contains a backslash; use '/'")
+        raise UsageError(f"{path!r} contains a backslash; use '/'")
     if any(ord(c) < 32 for c in path):
-        raise ValueError(f"{path!r} contains a control character")
+        raise UsageError(f"{path!r} contains a control character")
     if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
-        raise ValueError(f"{path!r} is absolute; give a path relative to the source")
+        raise UsageError(f"{path!r} is absolute; give a path relative to the source")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{path!r} has an empty, '.' or '..' segment and could escape its folder")
+        raise UsageError(f"{path!r} has an empty, '.' or '..' segment and could escape its folder")
     return path
 
 
@@ -162,7 +166,7 @@ class ModelEntry:
     @property
     def pinned(self) -> bool:
         """True when every file has a full sha256 and an hf:// source is pinned to a commit."""
-        if self.scheme == "hf" and not (self.revision and _HEX40.match(self.revision)):
+        if self.scheme == "hf" and not (self.revision and COMMIT_HASH.match(self.revision)):
             return False
         return all(f.pinned for f in self.files)
 
@@ -614,6 +618,10 @@ def load_registry(registry: RegistryArg = None) -> Registry:
     Returns:
         A Registry whose layers are: ``registry``, ``HUBLOAD_REGISTRY`` files, the user registry
         (if it exists), the built-in registry.
+
+    Raises:
+        UsageError: ``registry`` is none of those kinds (or a list holding something that is not a path).
+        RegistryError: A registry file or entry is invalid.
     """
     layers: list[tuple[str, Mapping[str, ModelEntry]]] = []
     if isinstance(registry, Registry):
@@ -625,7 +633,12 @@ def load_registry(registry: RegistryArg = None) -> Registry:
         p = Path(registry).expanduser()
         layers.append((str(p), _load_file(p)))
     elif registry is not None:
-        for item in registry:
+        items = list(registry) if isinstance(registry, Iterable) else None
+        bad = [i for i in items if not isinstance(i, (str, os.PathLike))] if items is not None else [registry]
+        if bad:
+            raise UsageError(f"registry={registry!r}: pass a Registry, a YAML file path, a list of paths or a "
+                             f"mapping (got a {type(bad[0]).__name__})")
+        for item in items:
             p = Path(item).expanduser()
             layers.append((str(p), _load_file(p)))
     for p in config.registry_env_paths():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import SAFETENSORS_DTYPES, canonical_dtype, to_numpy  # to_numpy re-exported
-from .errors import CheckpointError, HubloadError
+from .errors import CheckpointError, UsageError
 from .registry import RegistryArg
 
 __all__ = ["convert", "keras_leaf_hint", "to_numpy", "write_safetensors"]
@@ -110,7 +110,7 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
         name written) and ``dropped`` (canonical name → why it has no counterpart).
     """
     if layout not in ("torch", "keras"):
-        raise HubloadError(f"layout must be 'torch' or 'keras', got {layout!r}")
+        raise UsageError(f"layout={layout!r}: use 'torch' or 'keras'")
     from .cache import Cache
     from .layout import apply_transform, from_canonical
     from .resolve import canonical_tensors, fetch_artifact, open_artifact, resolve_source, with_key

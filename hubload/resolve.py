@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 
 from . import config
 from .cache import Cache
-from .errors import CheckpointError, HubloadError, ModelNotFoundError
-from .registry import FileSpec, ModelEntry, RegistryArg, infer_format, check_relative_path, load_registry
+from .errors import CheckpointError, HubloadError, ModelNotFoundError, UsageError
+from .registry import (COMMIT_HASH, SHA256_HEX, FileSpec, ModelEntry, RegistryArg, check_relative_path, infer_format,
+                       load_registry)
 from .safetensors_io import layout_from_metadata
 from .sources import resolve_file, resolve_hf_revision
 
@@ -132,13 +133,12 @@ def _hub_repo_entry(source: str, repo: str, rev: str | None, *, cache: Cache | N
     or tag is re-resolved online (it may move); offline, the last record is used.
     """
     from .hub_repo import RepoResolution, resolve_repo
-    from .registry import _HEX40
 
     cache = cache or Cache()
     want = rev or "main"
     record = _resolution_path(cache, repo, want)
     res = None
-    if _HEX40.match(want) or config.is_offline(offline):
+    if COMMIT_HASH.match(want) or config.is_offline(offline):
         try:
             res = RepoResolution.from_json(json.loads(record.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
@@ -149,7 +149,7 @@ def _hub_repo_entry(source: str, repo: str, rev: str | None, *, cache: Cache | N
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(res.to_json(), indent=1))
         os.replace(tmp, record)
-    level = logging.INFO if _HEX40.match(want) else logging.WARNING
+    level = logging.INFO if COMMIT_HASH.match(want) else logging.WARNING
     log.log(level, "%s has no registry entry: resolved in memory to commit %s (%s); run `hubload add %s` for a "
             "reproducible, reviewed pin", source, res.commit, res.weights.reason, f"hf://{repo}@{res.commit}")
     files = tuple(FileSpec(path=f["path"], sha256=f.get("sha256"), size=f.get("size")) for f in res.files)
@@ -176,8 +176,11 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
 
     Raises:
         ModelNotFoundError: Not an ID, URL or existing path (close IDs are suggested).
-        HubloadError: The name is both a registry ID and a local path.
+        UsageError: The name is both a registry ID and a local path, or ``sha256`` is not a sha256 hex digest.
     """
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256_HEX.match(sha256)):
+        raise UsageError(f"{source!r}: sha256={sha256!r} is not a sha256 digest; pass the file's 64 lowercase hex "
+                         "characters (e.g. from `sha256sum FILE`), or leave it out")
     if isinstance(source, os.PathLike):
         return Artifact(label=str(source), path=Path(source))
     if not isinstance(source, str) or not source:
@@ -223,8 +226,8 @@ def resolve_source(source: str | os.PathLike[str], *, registry: RegistryArg = No
     reg = load_registry(registry)
     if source in reg:
         if exists and not source.startswith((".", "/", "~")):
-            raise HubloadError(f"{source!r} is both a registry ID and a local path; say which: "
-                               f"'./{source}' for the path, or remove/rename the file")
+            raise UsageError(f"{source!r} is both a registry ID and a local path; say which: "
+                             f"'./{source}' for the path, or remove/rename the file")
         return _from_entry(reg.get(source))
     if exists:
         return Artifact(label=source, path=local)
@@ -267,7 +270,11 @@ def _expand_sharded(entry: ModelEntry, index_path: Path) -> ModelEntry:
     shards = sorted(set(weight_map.values()))
     extra = tuple(FileSpec(path=f"{folder}/{s}" if folder else s) for s in shards)
     for f in extra:
-        check_relative_path(f.path)
+        try:
+            check_relative_path(f.path)
+        except ValueError as exc:
+            raise CheckpointError(f"{entry.id}: {index_path.name} names a shard outside its folder ({exc}); "
+                                  "refusing to fetch it: the index is corrupt or hostile") from None
     return replace(entry, files=entry.files + extra)
 
 

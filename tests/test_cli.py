@@ -312,3 +312,38 @@ def test_token_never_appears_in_cli_output(tmp_path) -> None:
         assert token not in out
     hub_host = hub.url.split("//")[1]
     assert all(r.authorization is None for r in hub.requests if not r.host.startswith(hub_host))
+
+
+def test_pull_prefer_cache_serves_the_cache_with_zero_requests_and_downloads_only_what_is_missing(
+        hub_server, runner, tmp_path, monkeypatch) -> None:
+    cached, missing = _data(40_000, seed=31), _data(45_000, seed=32)
+    repo, commit = "acme/prefer-tiny", "c" * 40
+    hub_server.add_file(repo, commit, "a.safetensors", cached)
+    hub_server.add_file(repo, commit, "b.safetensors", missing)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    reg = write_registry(tmp_path / "r.yaml", {
+        "floating": {"source": f"hf://{repo}", "revision": "main", "files": [{"path": "a.safetensors"}]},
+        "other": {"source": f"hf://{repo}", "revision": "main", "files": [{"path": "b.safetensors"}]},
+    })
+    assert runner.invoke(cli, ["pull", "floating", "--registry", str(reg)]).exit_code == 0
+    hub_server.wait_idle()
+    hub_server.reset_log()
+    res = runner.invoke(cli, ["pull", "floating", "--registry", str(reg), "--prefer-cache", "--json"])
+    assert res.exit_code == 0, res.output
+    assert Path(json.loads(res.stdout)[0]["files"][0]["local"]).read_bytes() == cached
+    hub_server.wait_idle()
+    assert hub_server.requests == []  # a cached entry on a branch is not even re-resolved
+    res = runner.invoke(cli, ["pull", "other", "--registry", str(reg), "--prefer-cache", "--json"])
+    assert res.exit_code == 0, res.output
+    assert Path(json.loads(res.stdout)[0]["files"][0]["local"]).read_bytes() == missing
+    hub_server.wait_idle()
+    assert hub_server.requests != []  # what was missing came from the network
+
+
+def test_pull_offline_and_prefer_cache_together_is_a_usage_error(runner, tmp_path) -> None:
+    reg, _ = _local_registry(tmp_path)
+    res = runner.invoke(cli, ["pull", "tiny", "--registry", str(reg), "--offline", "--prefer-cache"])
+    assert res.exit_code == 2
+    line = one_error_line(res.stderr)
+    assert "UsageError" in line and "--offline" in line and "--prefer-cache" in line
+    assert "unexpected" not in line

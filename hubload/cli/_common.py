@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import click
 
-__all__ = ["echo_json", "human_size", "registry_option"]
+from .. import config
+from ..errors import AccessDeniedError, HubloadError, ModelNotFoundError, NoWeightsError
+
+__all__ = ["EXIT_CODES", "echo_json", "exit_code", "fail", "human_size", "registry_option"]
+
+# Exit codes of `add` (and `lock`): 0 done; 1 `lock --check` found unpinned entries; 2 any other error;
+# 3 repo or revision not found; 4 access denied (gated/private, no usable token); 5 no weight files.
+EXIT_CODES = {NoWeightsError: 5, AccessDeniedError: 4, ModelNotFoundError: 3}
+
+
+def exit_code(exc: HubloadError) -> int:
+    """The exit code for an error of `add`/`lock` (see :data:`EXIT_CODES`; 2 for the rest)."""
+    for cls, code in EXIT_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    return 2
+
+
+def fail(exc: HubloadError, as_json: bool) -> NoReturn:
+    """Report ``exc`` (one line on stderr, or a JSON object on stdout) and exit with :func:`exit_code`.
+
+    With ``HUBLOAD_DEBUG=1`` the error is re-raised for its traceback instead.
+    """
+    if config.debug():
+        raise exc
+    code = exit_code(exc)
+    if as_json:
+        echo_json({"ok": False, "error": type(exc).__name__, "message": str(exc), "exit_code": code})
+    else:
+        click.echo(f"hubload: error: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(code)
 
 
 def human_size(n: int | None) -> str:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import click
 
 from .. import config
 from ..cache import Cache
-from ..errors import AccessDeniedError, HubloadError, ModelNotFoundError, NoWeightsError
-from ._common import echo_json
+from ..errors import HubloadError
+from ._common import EXIT_CODES, echo_json, exit_code, fail
 
-__all__ = ["EXIT_CODES", "parse_repo_source", "register"]
+__all__ = ["EXIT_CODES", "exit_code", "parse_repo_source", "register"]
 
-# Exit codes of `add` (and `lock`): 0 done; 1 `lock --check` found unpinned entries; 2 any other error;
-# 3 repo or revision not found; 4 access denied (gated/private, no usable token); 5 no weight files.
-EXIT_CODES = {NoWeightsError: 5, AccessDeniedError: 4, ModelNotFoundError: 3}
 
 _REPO_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?/?$")
 
@@ -32,14 +28,6 @@ def parse_repo_source(source: str) -> tuple[str, str | None]:
         raise click.BadParameter(f"{source!r} is not hf://ORG/NAME[@REVISION] "
                                  "(e.g. hf://sentence-transformers/all-MiniLM-L6-v2@main)", param_hint="SOURCE")
     return m["repo"], m["rev"]
-
-
-def exit_code(exc: HubloadError) -> int:
-    """The exit code for an error of `add`/`lock`."""
-    for cls, code in EXIT_CODES.items():
-        if isinstance(exc, cls):
-            return code
-    return 2
 
 
 def entry_fields(res: object, homepage: bool = True) -> dict[str, object]:
@@ -90,14 +78,7 @@ def add_cmd(source: str, model_id: str | None, registry_file: str | None, includ
         block = render_entry(mid, fields, comments=provenance(res, f"`hubload add {source}`"))
         replaced = add_entry(path, mid, block, replace=force)
     except HubloadError as exc:
-        if config.debug():
-            raise
-        code = exit_code(exc)
-        if as_json:
-            echo_json({"ok": False, "error": type(exc).__name__, "message": str(exc), "exit_code": code})
-        else:
-            click.echo(f"hubload: error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(code)
+        fail(exc, as_json)
     if as_json:
         echo_json({"ok": True, "id": mid, "registry": path, "replaced": replaced, **res.to_json()})
         return

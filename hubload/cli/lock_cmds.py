@@ -12,9 +12,8 @@ import click
 from .. import config
 from ..cache import Cache
 from ..errors import HubloadError, RegistryError
-from ..registry import _HEX40, ModelEntry, parse_registry
-from ._common import echo_json
-from .add_cmds import exit_code
+from ..registry import COMMIT_HASH, ModelEntry, parse_registry
+from ._common import echo_json, fail
 
 __all__ = ["register", "unpinned_reasons"]
 
@@ -22,7 +21,7 @@ __all__ = ["register", "unpinned_reasons"]
 def unpinned_reasons(entry: ModelEntry) -> list[str]:
     """Why an entry is not fully pinned (empty when it is): a moving revision, a missing sha256 or size."""
     out = []
-    if entry.scheme == "hf" and not (entry.revision and _HEX40.match(entry.revision)):
+    if entry.scheme == "hf" and not (entry.revision and COMMIT_HASH.match(entry.revision)):
         out.append(f"revision {entry.revision or 'main'!r} is a branch or tag, not a commit")
     for f in entry.files:
         if f.sha256 is None:
@@ -130,14 +129,7 @@ def lock_cmd(files: tuple[str, ...], check: bool, as_json: bool) -> None:
                         row["still_unpinned"] = unpinned_reasons(after[row["id"]])
                         left += bool(row["still_unpinned"])
     except HubloadError as exc:
-        if config.debug():
-            raise
-        code = exit_code(exc)
-        if as_json:
-            echo_json({"ok": False, "error": type(exc).__name__, "message": str(exc), "exit_code": code})
-        else:
-            click.echo(f"hubload: error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(code)
+        fail(exc, as_json)
     if as_json:
         echo_json({"ok": not (check and result) and not left, "entries": result})
     else:
