@@ -38,7 +38,7 @@ from hubload.adapters import ModelTensor, resolve_architecture
 from hubload.checkpoint import canonical_dtype
 from hubload.errors import HubloadError, MissingDependencyError, RegistryError
 from hubload.families import FAMILIES, Family, family_for_class
-from hubload.layout import Transform
+from hubload.layout import Transform, apply_rename, compile_rename_rules
 
 __all__ = ["PortGroup", "build", "keras_spec"]
 
@@ -77,6 +77,7 @@ def build(cls: type, config: dict[str, Any]) -> Any:
         except KeyError:  # a partial config (hand-written registry entry): complete it as transformers would
             config = _with_defaults(family, config)
             kwargs = converter.convert_backbone_config(config)
+        kwargs.update(_keras_config(family, config, kwargs))
         model = cls(**kwargs)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RegistryError(f"{family.keras} cannot be built from this config.json ({type(exc).__name__}: {exc}); "
@@ -84,6 +85,20 @@ def build(cls: type, config: dict[str, Any]) -> Any:
     _exact_gelu(model, config.get("hidden_act", config.get("activation", family.hidden_act)))
     model._hubload_hf_config = config  # the converter's weight mapping needs it again (keras_spec)
     return model
+
+
+def _keras_config(family: Family, config: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The backbone arguments the converter leaves out (``family.keras_config``), from config.json, else from
+    transformers' default for the key, so the Keras side computes what the torch side does."""
+    out: dict[str, Any] = {}
+    for key, arg in family.keras_config:
+        if arg in kwargs:
+            continue
+        value = config.get(key, _with_defaults(family, config).get(key))
+        if value is None:
+            raise KeyError(f"{key} (config.json) for the backbone's {arg}")
+        out[arg] = value
+    return out
 
 
 def _exact_gelu(backbone: Any, act: Any) -> None:
@@ -313,7 +328,12 @@ def keras_spec(backbone: Any, family: Family) -> dict[str, ModelTensor]:
     owners = _owners(backbone)
     out: dict[str, ModelTensor] = {}
     reached: set[int] = set()
-    for name, ports in rec.ports.items():
+    renames = compile_rename_rules(family.renames)
+    for hub_name, ports in rec.ports.items():
+        name = apply_rename(hub_name, renames)
+        if name in out:
+            raise HubloadError(f"{type(backbone).__name__}: Hub tensors {hub_name!r} and another both become {name!r} "
+                               f"under the {family.name} family's renames; please report it")
         good = []
         for cand in _candidates(ports, owners.get(id(ports[0][0]))):
             index = _maps_onto(cand, ports)

@@ -19,7 +19,7 @@ from .cache import Cache
 from .compat import CompatReport
 from .compat import check as compat_check
 from .errors import HubloadError, UsageError
-from .families import family_model_spec
+from .families import family_ignore, family_model_spec, family_renames
 from .registry import RegistryArg
 from .verification import apply_verified, live_model, live_reader, make_plan, review
 from .resolve import (
@@ -117,7 +117,8 @@ def _spec_layout(art: Artifact, layout: str | None) -> str | None:
 def _report(ckpt: Mapping[str, Any], model_spec: Mapping[str, Any], art: Artifact, model: Any, *,
             exclude: Iterable[str], replace: Iterable[str], strict: bool) -> CompatReport:
     """Run the compatibility checker with the entry's ignore globs."""
-    return compat_check(ckpt, model_spec, exclude=tuple(exclude), ignore=tuple(art.ignore), replace=tuple(replace),
+    return compat_check(ckpt, model_spec, exclude=tuple(exclude), ignore=(*art.ignore, *family_ignore(model)),
+                        replace=tuple(replace),
                         strict=strict, source=art.label, target=type(model).__name__)
 
 
@@ -271,6 +272,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
                          "framework='torch' / 'tf' to build the registry entry's architecture")
 
     model_spec = family_model_spec(model, _spec_layout(art, layout)) or adapter.spec(model)
+    rename = (*rename, *family_renames(model))
     plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=reference,
                      example_inputs=example_inputs, probe=_probe_for(art, replace, exclude, config), verify=verify,
                      label=art.label)
@@ -346,6 +348,7 @@ def check(source: str | os.PathLike[str], *, model: Any = None, framework: str |
         raise UsageError(f"{art.label}: check needs a model to compare with: pass model= or framework=")
     art = with_key(art, key)
     model_spec = family_model_spec(model, _spec_layout(art, layout)) or adapter.spec(model)
+    rename = (*rename, *family_renames(model))
     probe = _probe_for(art, replace, exclude, config) if verify is True else None
     plan = make_plan(adapter=adapter, model=model, spec=model_spec, reference=reference,
                      example_inputs=example_inputs, probe=probe, verify=verify, label=art.label)

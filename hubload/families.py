@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FAMILIES", "Family", "architecture_for", "family_for_class", "family_for_config", "family_model_spec"]
+__all__ = ["FAMILIES", "Family", "architecture_for", "family_for_class", "family_for_config", "family_ignore",
+           "family_model_spec", "family_renames"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class Family:
         torch_output: How to call the torch model for the family's sequence output (for docs and tests):
             ``"base"`` = the model itself, ``"model"`` = its ``.model`` attribute (causal LMs).
         hidden_act: transformers' default activation when config.json names none.
+        renames: ``(regex, replacement)`` rules, applied in order, from the names the Hub's checkpoints use to
+            the names hubload gives the family's tensors (the current transformers class's ``state_dict``
+            names). Applied to every checkpoint loaded into the family's models, on either framework, and to
+            the names keras-hub's converter reads. Empty when the two agree (BERT, GPT-2, ...); ViT needs
+            them since transformers 5 renamed ViTModel's parameters while the Hub's files keep the old names.
+        keras_config: ``(config.json key, backbone argument)`` pairs the keras-hub converter leaves out although
+            they change the numbers (ViT's ``layer_norm_eps``); filled from config.json, or transformers'
+            default for it.
+        keras_absent: Globs on family tensor names that the keras-hub backbone has no variable for (ViT's
+            pooler): reported as ignored on a Keras load, with the reason, never silently dropped.
     """
 
     name: str
@@ -51,6 +62,9 @@ class Family:
     converter: str
     torch_output: str = "base"
     hidden_act: str | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+    keras_config: tuple[tuple[str, str], ...] = ()
+    keras_absent: tuple[str, ...] = ()
 
 
 _CONVERT = "keras_hub.src.utils.transformers.convert_"
@@ -68,10 +82,25 @@ FAMILIES: tuple[Family, ...] = (
            "keras_hub.models:MistralBackbone", _CONVERT + "mistral", "model"),
     Family("qwen2", ("qwen2",), "transformers:Qwen2ForCausalLM", "transformers:Qwen2Config",
            "keras_hub.models:QwenBackbone", _CONVERT + "qwen", "model"),
+    # The Hub's ViT files use the names of transformers 4 (``encoder.layer.N.attention.attention.query``, and a
+    # ``vit.`` prefix in ViTForImageClassification files); transformers 5's ViTModel has ``layers.N.attention.
+    # q_proj``. The rules follow transformers' own ViTModel entry in transformers/conversion_mapping.py, and
+    # are applied to checkpoint names on load, as transformers applies them.
+    Family("vit", ("vit",), "transformers:ViTModel", "transformers:ViTConfig",
+           "keras_hub.models:ViTBackbone", _CONVERT + "vit", hidden_act="gelu",
+           renames=((r"^vit\.", ""), (r"^encoder\.layer\.", "layers."),
+                    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+                    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+                    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+                    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+                    (r"\.intermediate\.dense\.", ".mlp.fc1."), (r"\.output\.dense\.", ".mlp.fc2.")),
+           keras_config=(("layer_norm_eps", "layer_norm_epsilon"),),  # keras-hub defaults to 1e-6, ViT to 1e-12
+           keras_absent=("pooler.*",)),  # ViTBackbone's output is ViTModel's last_hidden_state: no pooler
 )
 
-# Not (yet) in the table: ViT (transformers 5 renamed ViTModel's state_dict, keras-hub's converter reads the
-# Hub's older names), RoBERTa (keras-hub drops the two padding rows of the position table, not one-to-one).
+# Not in the table: RoBERTa. keras-hub's converter is not one-to-one: it drops the first two rows of the
+# position table (padding offset) and the token-type embedding row that transformers adds to every token, so
+# a Keras -> torch conversion cannot rebuild the file, and torch -> Keras is right only when that row is zero.
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 
@@ -116,3 +145,15 @@ def family_model_spec(model: Any, layout: str | None) -> dict[str, Any] | None:
     from .adapters.hf_families import keras_spec
 
     return keras_spec(model, hit[0])
+
+
+def family_renames(model: Any) -> tuple[tuple[str, str], ...]:
+    """The rename rules that turn Hub checkpoint names into the names of ``model``'s family (may be empty)."""
+    hit = family_for_class(type(model))
+    return () if hit is None else hit[0].renames
+
+
+def family_ignore(model: Any) -> tuple[str, ...]:
+    """Globs on checkpoint names that ``model`` (a keras-hub family backbone) has no variable for, by design."""
+    hit = family_for_class(type(model))
+    return hit[0].keras_absent if hit is not None and hit[1] == "tf" else ()

@@ -3,6 +3,7 @@ loaded through hubload from one safetensors file, agree numerically; every Keras
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import numpy as np
@@ -32,6 +33,8 @@ TINY = {
                     num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=False, rope_theta=10000.0),
     "qwen2": dict(model_type="qwen2", vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=False, rope_theta=10000.0),
+    "vit": dict(model_type="vit", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                image_size=16, patch_size=4),
 }
 
 
@@ -126,3 +129,40 @@ def test_a_variable_no_hub_name_reaches_is_an_error(monkeypatch) -> None:
     monkeypatch.setattr(hf_families._Recorder, "port_weight", skip_pooler)
     with pytest.raises(HubloadError, match="pooled_dense"):
         hf_families.keras_spec(kb, fam)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_a_file_from_save_pretrained_loads_on_both_sides(name, tmp_path) -> None:
+    """transformers writes the Hub's names (for ViT, the names of transformers 4, which ViTModel no longer
+    uses): hubload renames them for the family, so the file fills a fresh torch model and the Keras backbone."""
+    torch.manual_seed(2)
+    cfg = _config(name)
+    fam = family_for_config(cfg)
+    src = hf_families.build(resolve_architecture(fam.torch), cfg)
+    src.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    fresh = hf_families.build(resolve_architecture(fam.torch), cfg)
+    _, treport = hubload.load(path, model=fresh, return_report=True)
+    assert treport.ok and not treport.missing and not treport.unexpected
+    for (k, a), b in zip(src.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    kb = hf_families.build(resolve_architecture(fam.keras), cfg)
+    _, kreport = hubload.load(path, model=kb, return_report=True)
+    assert kreport.ok and not kreport.missing and not kreport.unexpected
+    ignored = {i.key for i in kreport.ignored}
+    assert all(any(fnmatch.fnmatchcase(k, g) for g in fam.keras_absent) for k in ignored)  # only by design
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 50, size=(2, 6)).astype("int32")
+    mask = np.ones_like(ids)
+    pixels = rng.standard_normal((2, 3, 16, 16)).astype("float32")
+    want = _torch_out(fam, src, ids.astype("int64"), mask.astype("int64"), pixels)
+    np.testing.assert_allclose(_keras_out(fam, kb, ids, mask.astype(bool), pixels), want, atol=1e-4, rtol=1e-4)
+
+
+def test_vit_keras_side_takes_config_layer_norm_eps() -> None:
+    cfg = {**_config("vit"), "layer_norm_eps": 1e-5}
+    kb = hf_families.build(resolve_architecture(family_for_config(cfg).keras), cfg)
+    eps = {layer.epsilon for layer in kb._flatten_layers(include_self=False, recursive=True)
+           if type(layer).__name__ == "LayerNormalization"}
+    assert eps == {1e-5}  # keras-hub's converter would leave its own 1e-6
