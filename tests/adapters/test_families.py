@@ -166,3 +166,27 @@ def test_vit_keras_side_takes_config_layer_norm_eps() -> None:
     eps = {layer.epsilon for layer in kb._flatten_layers(include_self=False, recursive=True)
            if type(layer).__name__ == "LayerNormalization"}
     assert eps == {1e-5}  # keras-hub's converter would leave its own 1e-6
+
+
+def test_bare_hub_source_builds_vit_on_both_sides(tmp_path, monkeypatch) -> None:
+    """A ViT repo as the Hub serves it (save_pretrained's file + config.json), loaded by ``hf://`` alone."""
+    from tests.servers import HubServer
+
+    torch.manual_seed(3)
+    cfg = _config("vit")
+    src = hf_families.build(resolve_architecture(family_for_config(cfg).torch), cfg)
+    src.save_pretrained(tmp_path)
+    commit = "c" * 40
+    with HubServer() as hub:
+        hub.add_file("org/tiny-vit", commit, "model.safetensors", tmp_path / "model.safetensors", lfs=True)
+        hub.add_file("org/tiny-vit", commit, "config.json", tmp_path / "config.json", lfs=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HUBLOAD_CACHE", str(tmp_path / "cache"))
+        tm = hubload.load(f"hf://org/tiny-vit@{commit}", framework="torch")
+        km = hubload.load(f"hf://org/tiny-vit@{commit}", framework="tf")
+    assert type(tm).__name__ == "ViTModel" and type(km).__name__ == "ViTBackbone"
+    pixels = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype("float32")
+    fam = family_for_config(cfg)
+    want = _torch_out(fam, src, None, None, pixels)
+    np.testing.assert_allclose(_torch_out(fam, tm, None, None, pixels), want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(_keras_out(fam, km, None, None, pixels), want, atol=1e-4, rtol=1e-4)
