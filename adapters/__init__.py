@@ -153,10 +153,12 @@ class Adapter(Protocol):
         with ``values`` (from :meth:`checkpoint_values`) the model runs on them, unchanged."""
 
     def checkpoint_values(self, model: Any, report: Any, reader: Any, spec: Any) -> Any:
-        """The report's tensors as the model would hold them after the copy, for ``run(values=...)``."""
+        """The report's tensors as the model would hold them after the copy, for ``run(values=...)``; or None
+        when the adapter prefers to verify after the copy and roll back (its rollback is cheaper)."""
 
     def snapshot(self, model: Any, names: Any, spec: Any) -> Any:
-        """The named tensors' values before a copy (for :meth:`restore`)."""
+        """The named tensors' values before a copy (for :meth:`restore`); an object with ``close()`` is
+        closed once the load is kept."""
 
     def restore(self, model: Any, snapshot: Any) -> None:
         """Put a snapshot back (rollback after a failed verification)."""

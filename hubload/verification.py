@@ -290,8 +290,9 @@ def apply_verified(plan: Plan, report: Any, reader: Any, do_apply: Callable[[], 
 
     The target runs on the checkpoint's tensors *before* the copy (``adapter.checkpoint_values`` +
     ``adapter.run(values=...)``: torch ``functional_call``, Keras ``stateless_call``), so a failed verification
-    leaves the model exactly as it was and costs no snapshot. An adapter without ``checkpoint_values`` is
-    verified after the copy and rolled back with ``snapshot``/``restore``.
+    leaves the model exactly as it was and costs no snapshot. An adapter without ``checkpoint_values``, or
+    whose ``checkpoint_values`` returns None (its rollback costs less than a run on separate values: Keras
+    models up to 128 MiB), is verified after the copy and rolled back with ``snapshot``/``restore``.
 
     Args:
         plan: From :func:`make_plan` (``verify`` decides whether anything beyond ``do_apply`` runs).
@@ -311,8 +312,9 @@ def apply_verified(plan: Plan, report: Any, reader: Any, do_apply: Callable[[], 
     for t_prefix, r_prefix in _pairs(report):
         plan.pairs.setdefault(t_prefix, r_prefix)
     values_of = getattr(plan.adapter, "checkpoint_values", None)
-    if values_of is not None:
-        result = verify_loaded(plan, values_of(plan.model, report, reader, plan.spec))
+    values = values_of(plan.model, report, reader, plan.spec) if values_of is not None else None
+    if values is not None:
+        result = verify_loaded(plan, values)
         report.verification = result
         if not result.passed:
             raise _failed(plan, report, result)
@@ -329,6 +331,8 @@ def apply_verified(plan: Plan, report: Any, reader: Any, do_apply: Callable[[], 
     report.verification = result
     if not result.passed or not keep:
         plan.adapter.restore(plan.model, snap)
+    elif callable(getattr(snap, "close", None)):
+        snap.close()  # kept: the old values are no longer needed
     if not result.passed:
         raise _failed(plan, report, result)
 

@@ -189,3 +189,26 @@ def test_resnet18_twins_load_live_without_false_alarm():
     _, report = hubload.load(src, model=zoo_keras.resnet18(num_classes=10), return_report=True)
     assert not report.behaviour and not report.warnings
     assert report.verification.passed
+
+
+@pytest.mark.parametrize("budget,copied_first", [(None, True), (0, False)], ids=["rollback", "before-copy"])
+def test_keras_verification_failure_leaves_the_model_bit_identical_on_both_paths(budget, copied_first, monkeypatch):
+    """Small Keras models are copied, run, and rolled back (the rollback re-points the variables at their old
+    buffers); over the in-memory budget they are run on the checkpoint's values before any copy."""
+    from hubload.adapters import tf as tf_adapter
+
+    if budget is not None:
+        monkeypatch.setattr(tf_adapter, "ROLLBACK_IN_MEMORY", budget)
+    snapshots = []
+    real = tf_adapter.snapshot
+    monkeypatch.setattr(tf_adapter, "snapshot", lambda *a: snapshots.append(1) or real(*a))
+    ref, target = _source(lambda: TResidual(True)), kres(residual=False)
+    before = _values(target)
+    with pytest.raises(IncompatibleWeightsError) as info:
+        hubload.load(ref, model=target)
+    assert info.value.report.verification.first_divergent == "dense2"
+    assert bool(snapshots) is copied_first
+    after = _values(target)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    model, report = hubload.load(_source(lambda: TResidual(True)), model=kres(residual=True), return_report=True)
+    assert report.verification.passed
