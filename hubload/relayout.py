@@ -92,8 +92,17 @@ def write_safetensors(path: str | os.PathLike[str], arrays: Mapping[str, Any],
 
 def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLike[str],
             registry: RegistryArg = None, key: str | None = None, from_layout: str | None = None,
-            rename: Sequence[Any] = (), offline: bool | None = None) -> dict[str, Any]:
+            rename: Sequence[Any] = (), offline: bool | None = None, model: Any = None) -> dict[str, Any]:
     """Rewrite a checkpoint in the ``torch`` or ``keras`` tensor convention as one safetensors file.
+
+    Without ``model`` the file alone names the tensors (rank and name decide the Keras leaves). A Keras
+    ``.weights.h5`` does not always say enough for that: a subclassed model's sublayers under its derived
+    ``layers`` list and a keras-hub layer's named sublayers carry no class, so such a file converts under
+    names a fresh model cannot match (its load then refuses, naming them). Pass ``model``, a model of the
+    checkpoint's architecture (torch or Keras; its weights are not read or changed), and the tensors are
+    paired with the model first, exactly as a load pairs them (by storage path for a ``.weights.h5``), then
+    written under the model's canonical names: a keras-hub family backbone's file comes out under the Hub's
+    names, which transformers loads.
 
     Args:
         source: Anything :func:`hubload.load` accepts as a weights source.
@@ -104,6 +113,7 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
         from_layout: Override the source's convention.
         rename: Extra rename rules for the source's names.
         offline: Use the cache only.
+        model: A model that names the tensors (see above); ``layout="torch"`` only.
 
     Returns:
         A summary: ``out``, ``layout``, ``tensors`` (count), ``bytes``, ``names`` (source tensor name →
@@ -111,6 +121,9 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     """
     if layout not in ("torch", "keras"):
         raise UsageError(f"layout={layout!r}: use 'torch' or 'keras'")
+    if model is not None and layout != "torch":
+        raise UsageError("convert(model=...) writes the torch layout (the model's canonical names); to get a "
+                         "Keras model's own weights file, load into the model and call model.save_weights(...)")
     from .cache import Cache
     from .layout import apply_transform, from_canonical
     from .resolve import canonical_tensors, fetch_artifact, open_artifact, resolve_source, with_key
@@ -125,7 +138,11 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
         source_layout = from_layout or art.layout or reader.layout
         flatten_order = (getattr(reader, "metadata", None) or {}).get(FLATTEN_ORDER_METADATA_KEY) or \
             ("channels_last" if source_layout == "keras" else "channels_first")
-        canon = canonical_tensors(reader, art, from_layout, rename)
+        if model is not None:
+            arrays, names = _by_model(model, reader, art, source_layout, from_layout, rename)
+            canon = {}
+        else:
+            canon = canonical_tensors(reader, art, from_layout, rename)
         targets: dict[str, tuple[str, Any]] = {}
         if layout == "torch":
             targets = {name: (name, None) for name in canon}
@@ -143,3 +160,63 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
                                            FLATTEN_ORDER_METADATA_KEY: flatten_order})
     return {"out": str(out), "layout": layout, "tensors": len(arrays), "bytes": size, "names": names,
             "dropped": dropped}
+
+
+def _by_model(model: Any, reader: Any, art: Any, source_layout: str | None, from_layout: str | None,
+              rename: Sequence[Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The checkpoint's tensors in ``model``'s canonical names and shapes, paired as a load pairs them.
+
+    Raises:
+        IncompatibleWeightsError: The checkpoint does not fit the model (the report says how).
+    """
+    from .adapters import get_adapter
+    from .compat import check
+    from .families import family_ignore, family_model_spec, family_renames
+    from .layout import apply_transform
+    from .resolve import canonical_tensors
+
+    adapter = get_adapter(model)
+    spec = family_model_spec(model, source_layout) or adapter.spec(model)
+    canon = canonical_tensors(reader, art, from_layout, (*rename, *family_renames(model)))
+    report = check(canon, spec, ignore=(*art.ignore, *family_ignore(model)), source=art.label,
+                   target=type(model).__name__)
+    report.raise_if_incompatible(True)
+    arrays: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for m in report.matched:
+        arrays[m.key] = apply_transform(to_numpy(reader.get(m.source)), m.transform)
+        names[m.source] = m.key
+    hub = family_model_spec(model, "torch")
+    if hub is None or hub is spec or source_layout != "keras":
+        return arrays, names
+    # A keras-hub family backbone's own file: paired above by storage path, written under the Hub's names.
+    hub_of = {id(v): name for name, t in hub.items()
+              for v in ([p[0] for p in t.handle.ports] if hasattr(t.handle, "ports") else [t.handle])}
+    return _hub_names(arrays, spec, hub), {src: hub_of.get(id(spec[key].handle), key) for src, key in names.items()}
+
+
+def _hub_names(arrays: Mapping[str, Any], spec: Mapping[str, Any], hub: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors named by a backbone's generic spec, re-expressed in its family spec (the Hub's names), through the
+    variables both specs point at: canonical -> the variable's Keras value -> the Hub tensor."""
+    import numpy as np
+
+    from .layout import apply_transform
+
+    value_of: dict[int, Any] = {}
+    for key, arr in arrays.items():
+        t = spec[key]
+        if t.group is not None or t.handle is None:
+            raise UsageError(f"{key}: a grouped tensor has no Hub name; convert without model=")
+        value_of[id(t.handle)] = apply_transform(arr, t.transform)
+    out: dict[str, Any] = {}
+    for name, t in hub.items():
+        ports = getattr(t.handle, "ports", None)
+        if ports is not None:  # one Hub tensor fed to several variables (GPT-2's fused c_attn)
+            whole = np.empty(int(np.prod(t.shape)), dtype=value_of[id(ports[0][0])].dtype)
+            for (var, _), index in zip(ports, t.handle.index):
+                whole[index.ravel()] = np.asarray(value_of[id(var)]).ravel()
+            out[name] = whole.reshape(t.shape)
+        else:
+            value = value_of[id(t.handle)]
+            out[name] = t.transform.inverse().apply(value) if t.transform is not None else value
+    return out

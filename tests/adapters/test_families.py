@@ -190,3 +190,28 @@ def test_bare_hub_source_builds_vit_on_both_sides(tmp_path, monkeypatch) -> None
     want = _torch_out(fam, src, None, None, pixels)
     np.testing.assert_allclose(_torch_out(fam, tm, None, None, pixels), want, atol=1e-6, rtol=0)
     np.testing.assert_allclose(_keras_out(fam, km, None, None, pixels), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_keras_backbone_weights_convert_to_hub_names_that_transformers_loads(name, tmp_path) -> None:
+    """keras-hub as the source: the backbone's own .weights.h5, converted with the backbone at hand, comes out
+    under the Hub's names, and transformers' class computes what the backbone computes."""
+    cfg = _config(name)
+    fam = family_for_config(cfg)
+    kb = hf_families.build(resolve_architecture(fam.keras), cfg)
+    rng = np.random.default_rng(4)
+    for v in kb.weights:
+        v.assign((rng.standard_normal(tuple(v.shape)) * 0.2).astype(v.dtype))
+    kb.save_weights(str(tmp_path / "b.weights.h5"))
+    fresh = hf_families.build(resolve_architecture(fam.keras), cfg)
+    hubload.convert(str(tmp_path / "b.weights.h5"), layout="torch", out=tmp_path / "model.safetensors", model=fresh)
+    tm = hf_families.build(resolve_architecture(fam.torch), cfg)
+    _, report = hubload.load(tmp_path / "model.safetensors", model=tm, return_report=True, strict=False)
+    absent = [k for k in report.missing if not any(fnmatch.fnmatchcase(k, g) for g in fam.keras_absent)]
+    assert report.matched and not report.unexpected and not absent, report
+    ids = rng.integers(1, 50, size=(2, 6)).astype("int32")
+    mask = np.ones_like(ids)
+    pixels = rng.standard_normal((2, 3, 16, 16)).astype("float32")
+    np.testing.assert_allclose(_keras_out(fam, kb, ids, mask.astype(bool), pixels),
+                               _torch_out(fam, tm, ids.astype("int64"), mask.astype("int64"), pixels),
+                               atol=1e-4, rtol=1e-4)

@@ -183,7 +183,8 @@ def test_weights_h5_loads_into_another_instance(pair):
 # sorts after "layers" under its derived ``layers`` list (class-name counters, no attribute name), and a
 # keras-hub layer's explicitly named sublayers (``token_embedding``) without their class. Loading such a file
 # into a model pairs by storage path and is exact (above); converting it without the model cannot recover the
-# canonical names, and the load of the converted file refuses, naming them (below), never a silent wrong load.
+# canonical names, and the load of the converted file refuses, naming them (below), never a silent wrong load;
+# converting with the architecture at hand (``model=``) names them as a load would, and round-trips exactly.
 FILE_ALONE_CANNOT_NAME = {"BertBackbone", "GPT2Backbone", "LlamaBackbone", "ViTBackbone", "nested-subclassed"}
 
 
@@ -199,4 +200,14 @@ def test_torch_layout_round_trip(pair, tmp_path):
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), old)
         return
     hubload.load(str(tmp_path / "t.safetensors"), model=b)
+    np.testing.assert_allclose(_out(b, x), _out(a, x), rtol=0, atol=1e-6)
+
+
+def test_torch_layout_round_trip_named_by_the_model(pair, tmp_path):
+    name, a, b, path, x = pair
+    summary = convert(str(path), layout="torch", out=tmp_path / "t.safetensors", model=b)
+    assert summary["tensors"] > 0
+    _scramble(b)
+    _, report = hubload.load(str(tmp_path / "t.safetensors"), model=b, return_report=True)
+    assert report.ok and not report.missing
     np.testing.assert_allclose(_out(b, x), _out(a, x), rtol=0, atol=1e-6)
