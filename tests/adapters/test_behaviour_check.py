@@ -195,10 +195,11 @@ def test_resnet18_twins_load_live_without_false_alarm():
 def test_keras_verification_failure_leaves_the_model_bit_identical_on_both_paths(budget, copied_first, monkeypatch):
     """Small Keras models are copied, run, and rolled back (the rollback re-points the variables at their old
     buffers); over the in-memory budget they are run on the checkpoint's values before any copy."""
+    from hubload.adapters import keras_apply
     from hubload.adapters import tf as tf_adapter
 
     if budget is not None:
-        monkeypatch.setattr(tf_adapter, "ROLLBACK_IN_MEMORY", budget)
+        monkeypatch.setattr(keras_apply, "ROLLBACK_IN_MEMORY", budget)
     snapshots = []
     real = tf_adapter.snapshot
     monkeypatch.setattr(tf_adapter, "snapshot", lambda *a: snapshots.append(1) or real(*a))
