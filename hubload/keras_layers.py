@@ -322,6 +322,9 @@ class LayerSpec:
         group: True for cells converted as a group (:func:`rnn_group_for`).
         after_load: Method to call once the layer's variables are assigned (``Normalization`` caches its
             mean/variance in ``finalize_state``, as its own ``load_own_variables`` does).
+        path_rules: Keras leaf -> the :data:`hubload.layout.KERAS_RULES` row to use when only a variable's path,
+            shape and this class are known (a TF checkpoint, a Keras-layout safetensors): Keras 3 calls a
+            DepthwiseConv2D kernel plain ``kernel``, which leaf and rank alone would take for a Conv2D's.
     """
 
     keras_class: str
@@ -330,6 +333,7 @@ class LayerSpec:
     children: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
     group: bool = False
     after_load: str | None = None
+    path_rules: Mapping[str, str] = field(default_factory=dict)
 
 
 def _einsum_kernel(shape: Sequence[int], facts: Mapping[str, Any]) -> Transform | None:
@@ -355,10 +359,12 @@ KERAS_LAYER_SPECS: dict[str, LayerSpec] = {s.keras_class: s for s in (
               {"kernel": ("weight", "einsum-kernel", _einsum_kernel),
                "bias": ("bias", "einsum-bias", lambda s, f: _flatten(s))}),
     LayerSpec("Embedding", ("embeddings",), {"embeddings": ("weight", "embedding", None)}),
-    *(LayerSpec(c, ("kernel", "bias"), _CONV) for c in
-      ("Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")),
-    *(LayerSpec(c, ("kernel", "bias"), {"kernel": ("weight", "depthwise-kernel", lambda s, f: _depthwise(s)),
-                                        "bias": _BIAS}) for c in ("DepthwiseConv1D", "DepthwiseConv2D")),
+    *(LayerSpec(c, ("kernel", "bias"), _CONV) for c in ("Conv1D", "Conv2D", "Conv3D")),
+    *(LayerSpec(f"Conv{d}DTranspose", ("kernel", "bias"), _CONV, path_rules={"kernel": f"conv{d}d-transpose-kernel"})
+      for d in (1, 2, 3)),
+    *(LayerSpec(f"DepthwiseConv{d}D", ("kernel", "bias"),
+                {"kernel": ("weight", "depthwise-kernel", lambda s, f: _depthwise(s)), "bias": _BIAS},
+                path_rules={"kernel": f"depthwise-conv{d}d-kernel"}) for d in (1, 2)),
     *(LayerSpec(c, ("depthwise_kernel", "pointwise_kernel", "bias"), _SEPARABLE)
       for c in ("SeparableConv1D", "SeparableConv2D")),
     LayerSpec("BatchNormalization", ("gamma", "beta", "moving_mean", "moving_variance"),

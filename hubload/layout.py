@@ -26,6 +26,7 @@ Notes on the table:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -42,7 +43,6 @@ from hubload.keys import (  # re-exported: key matching used to live here
 )
 
 __all__ = [
-    "KERAS_LAYER_RULES",
     "KERAS_RULES",
     "NON_PERSISTENT_BUFFERS",
     "TF_VARIABLE_SUFFIX",
@@ -60,6 +60,7 @@ __all__ = [
     "from_canonical",
     "ignorable_reason",
     "keras_name_to_canonical",
+    "keras_layer_rules",
     "layer_kind",
     "normalize_keras_path",
     "strip_wrapper_prefixes",
@@ -242,15 +243,18 @@ def _plain_leaf(leaf: str) -> str:
     return leaf[1:] if leaf.startswith("_") and leaf[1:] in _KNOWN_KERAS_LEAVES else leaf
 
 
-# Layer classes (snake case) whose variables need a rule that leaf + rank alone would not pick:
-# Keras 3 names a DepthwiseConv2D kernel plain "kernel", indistinguishable from a Conv2D kernel.
-KERAS_LAYER_RULES: dict[str, dict[str, str]] = {
-    "depthwise_conv1d": {"kernel": "depthwise-conv1d-kernel"},
-    "depthwise_conv2d": {"kernel": "depthwise-conv2d-kernel"},
-    "conv1d_transpose": {"kernel": "conv1d-transpose-kernel"},
-    "conv2d_transpose": {"kernel": "conv2d-transpose-kernel"},
-    "conv3d_transpose": {"kernel": "conv3d-transpose-kernel"},
-}
+@functools.lru_cache(maxsize=None)
+def keras_layer_rules() -> dict[str, dict[str, str]]:
+    """Layer classes (snake case) whose variables need a rule that leaf + rank alone would not pick, from each
+    class's spec in :mod:`hubload.keras_layers` (``LayerSpec.path_rules``): the one table of Keras layers."""
+    from hubload.keras_layers import KERAS_LAYER_SPECS, snake_case
+
+    out: dict[str, dict[str, str]] = {}
+    for cls, spec in KERAS_LAYER_SPECS.items():
+        if spec.path_rules:
+            out[snake_case(cls)] = dict(spec.path_rules)
+            out[re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", cls).lower()] = dict(spec.path_rules)  # Keras' auto names
+    return out
 
 
 def layer_kind(layer: str | None) -> str | None:
@@ -258,14 +262,14 @@ def layer_kind(layer: str | None) -> str | None:
     if not layer:
         return None
     snake = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", layer).lower()
-    return snake if snake in KERAS_LAYER_RULES else re.sub(r"_\d+$", "", snake)
+    return snake if snake in keras_layer_rules() else re.sub(r"_\d+$", "", snake)
 
 
 def _find_rule(leaf: str, ndim: int, rules: Sequence[Rule], *, rule: str | None = None,
                layer: str | None = None) -> Rule | None:
     """The rule for a Keras leaf of a given rank: forced by name, by layer class, or first match."""
     if rule is None and layer is not None:
-        rule = KERAS_LAYER_RULES.get(layer_kind(layer) or "", {}).get(leaf)
+        rule = keras_layer_rules().get(layer_kind(layer) or "", {}).get(leaf)
     if rule is not None:
         for r in rules:
             if r.name == rule:
@@ -299,7 +303,7 @@ def keras_name_to_canonical(path: str, shape: Sequence[int], *, layer: str | Non
         path: Keras variable path (``dense1/kernel``, ``blocks/0/_kernel``, or a raw TF checkpoint key).
         shape: The Keras variable's shape.
         layer: The owning layer's class ("DepthwiseConv2D" or "depthwise_conv2d"), when known; selects
-            rules from :data:`KERAS_LAYER_RULES` (needed for Keras 3 depthwise kernels).
+            rules from :func:`keras_layer_rules` (needed for Keras 3 depthwise kernels).
         rule: Force a rule by name (a registry entry's explicit choice).
         rules: The rule table (default :data:`KERAS_RULES`).
 

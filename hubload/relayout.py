@@ -113,7 +113,9 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
         from_layout: Override the source's convention.
         rename: Extra rename rules for the source's names.
         offline: Use the cache only.
-        model: A model that names the tensors (see above); ``layout="torch"`` only.
+        model: A model that names the tensors (see above). With ``layout="keras"`` (a Keras model), each
+            tensor is written under its variable's Keras path in the variable's own shape: no guess from
+            names (:func:`keras_leaf_hint`) is made.
 
     Returns:
         A summary: ``out``, ``layout``, ``tensors`` (count), ``bytes``, ``names`` (source tensor name →
@@ -121,9 +123,6 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
     """
     if layout not in ("torch", "keras"):
         raise UsageError(f"layout={layout!r}: use 'torch' or 'keras'")
-    if model is not None and layout != "torch":
-        raise UsageError("convert(model=...) writes the torch layout (the model's canonical names); to get a "
-                         "Keras model's own weights file, load into the model and call model.save_weights(...)")
     from .cache import Cache
     from .layout import apply_transform, from_canonical
     from .resolve import canonical_tensors, fetch_artifact, open_artifact, resolve_source, with_key
@@ -139,7 +138,7 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
         flatten_order = (getattr(reader, "metadata", None) or {}).get(FLATTEN_ORDER_METADATA_KEY) or \
             ("channels_last" if source_layout == "keras" else "channels_first")
         if model is not None:
-            arrays, names = _by_model(model, reader, art, source_layout, from_layout, rename)
+            arrays, names = _by_model(model, reader, art, source_layout, from_layout, rename, layout)
             canon = {}
         else:
             canon = canonical_tensors(reader, art, from_layout, rename)
@@ -163,11 +162,14 @@ def convert(source: str | os.PathLike[str], *, layout: str, out: str | os.PathLi
 
 
 def _by_model(model: Any, reader: Any, art: Any, source_layout: str | None, from_layout: str | None,
-              rename: Sequence[Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The checkpoint's tensors in ``model``'s canonical names and shapes, paired as a load pairs them.
+              rename: Sequence[Any], layout: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The checkpoint's tensors paired with ``model`` as a load pairs them, under the model's canonical names
+    and shapes (``layout="torch"``) or a Keras model's own variable paths and shapes (``layout="keras"``).
 
     Raises:
         IncompatibleWeightsError: The checkpoint does not fit the model (the report says how).
+        UsageError: ``layout="keras"`` for a model that is not a Keras model, or a variable that is fed by a
+            group of tensors.
     """
     from .adapters import get_adapter
     from .compat import check
@@ -176,6 +178,9 @@ def _by_model(model: Any, reader: Any, art: Any, source_layout: str | None, from
     from .resolve import canonical_tensors
 
     adapter = get_adapter(model)
+    if layout == "keras" and adapter.native_layout != "keras":
+        raise UsageError(f"convert(layout='keras', model=...) needs a Keras model for its variable paths, got a "
+                         f"{type(model).__name__}; use layout='torch'")
     spec = family_model_spec(model, source_layout) or adapter.spec(model)
     canon = canonical_tensors(reader, art, from_layout, (*rename, *family_renames(model)))
     report = check(canon, spec, ignore=(*art.ignore, *family_ignore(model)), source=art.label,
@@ -186,6 +191,8 @@ def _by_model(model: Any, reader: Any, art: Any, source_layout: str | None, from
     for m in report.matched:
         arrays[m.key] = apply_transform(to_numpy(reader.get(m.source)), m.transform)
         names[m.source] = m.key
+    if layout == "keras":
+        return _keras_paths(arrays, spec), {src: spec[key].native for src, key in names.items()}
     hub = family_model_spec(model, "torch")
     if hub is None or hub is spec or source_layout != "keras":
         return arrays, names
@@ -193,6 +200,20 @@ def _by_model(model: Any, reader: Any, art: Any, source_layout: str | None, from
     hub_of = {id(v): name for name, t in hub.items()
               for v in ([p[0] for p in t.handle.ports] if hasattr(t.handle, "ports") else [t.handle])}
     return _hub_names(arrays, spec, hub), {src: hub_of.get(id(spec[key].handle), key) for src, key in names.items()}
+
+
+def _keras_paths(arrays: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical tensors as the Keras model's variables hold them, keyed by their Keras paths."""
+    from .layout import apply_transform
+
+    out: dict[str, Any] = {}
+    for key, arr in arrays.items():
+        t = spec[key]
+        if t.group is not None or not hasattr(t.handle, "assign") or hasattr(t.handle, "ports"):
+            raise UsageError(f"{key}: the model's variable(s) {t.native} take a group of tensors; write the torch "
+                             "layout (layout='torch') instead")
+        out[t.native] = apply_transform(arr, t.transform)
+    return out
 
 
 def _hub_names(arrays: Mapping[str, Any], spec: Mapping[str, Any], hub: Mapping[str, Any]) -> dict[str, Any]:

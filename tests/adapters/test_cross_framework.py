@@ -129,3 +129,47 @@ def test_torch_checkpoint_into_meta_model_from_tf_source(tmp_path, x):
     with torch.no_grad():
         got = torch_model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, keras.ops.convert_to_numpy(keras_model(x)), rtol=0, atol=1e-6)
+
+
+class _TorchTagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = torch.nn.Embedding(6, 6)  # square, and no "embed" in its name: a name-based guess would fail
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.tok(ids))
+
+
+class _KerasTagger(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.tok = keras.layers.Embedding(6, 6)
+        self.head = keras.layers.Dense(3)
+
+    def call(self, ids):
+        return self.head(self.tok(ids))
+
+
+def test_convert_to_keras_layout_named_by_the_model_needs_no_guess(tmp_path):
+    import hubload
+
+    torch.manual_seed(0)
+    src = _TorchTagger()
+    safetensors_torch.save_file(src.state_dict(), str(tmp_path / "t.safetensors"))
+    ids = np.array([[0, 3, 5, 1]])
+    like = _KerasTagger()
+    like(ids)
+    summary = hubload.convert(tmp_path / "t.safetensors", layout="keras", out=tmp_path / "k.safetensors", model=like)
+    assert set(summary["names"].values()) == {"tok/embeddings", "head/kernel", "head/bias"}
+    with open_checkpoint(tmp_path / "k.safetensors") as reader:
+        shapes = {k: tuple(v.shape) for k, v in reader.tensors().items()}
+    assert shapes["head/kernel"] == (6, 3)  # Keras [in, out]
+    target = _KerasTagger()
+    target(ids)
+    hubload.load(tmp_path / "k.safetensors", model=target)
+    with torch.no_grad():
+        want = src(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(target(ids)), want, rtol=0, atol=1e-6)
+    with pytest.raises(hubload.UsageError, match="Keras model"):
+        hubload.convert(tmp_path / "t.safetensors", layout="keras", out=tmp_path / "x.safetensors", model=src)
