@@ -12,6 +12,7 @@ called with, else from the entry's probe. Everything here goes through the adapt
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from typing import Any
 
 from hubload.behaviour import (
     LayerDesc,
-    LiveReader,
     Verification,
     compare,
     first_divergent,
@@ -28,16 +28,56 @@ from hubload.behaviour import (
     tolerance,
     trap_warnings,
 )
+from hubload.checkpoint import TensorInfo, canonical_dtype
 from hubload.errors import HubloadError, IncompatibleWeightsError, UsageError
 
-__all__ = ["VERIFY_CHOICES", "Plan", "apply_verified", "live_model", "live_reader", "make_plan", "review",
-           "verify_loaded"]
+__all__ = ["VERIFY_CHOICES", "LiveReader", "Plan", "apply_verified", "live_model", "live_reader", "make_plan",
+           "review", "verify_loaded"]
 
 log = logging.getLogger("hubload")
 
 VERIFY_CHOICES = ("auto", True, False)
 
 _ORDER = {"torch": "channels_first", "keras": "channels_last"}
+
+
+class LiveReader:
+    """A live model's tensors as a checkpoint reader (canonical layout: ``layout = "torch"``).
+
+    Args:
+        label: How messages name the model.
+        spec: The model's canonical spec (``adapter.spec(model)``).
+        read: ``ModelTensor`` -> its value in the canonical layout (``adapter.read_tensor``).
+    """
+
+    format = "live-model"
+    layout = "torch"
+
+    def __init__(self, label: str, spec: Mapping[str, Any], read: Callable[[Any], Any]) -> None:
+        self.path = label
+        self._spec = dict(spec)
+        self._read = read
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Canonical name -> TensorInfo (no data read)."""
+        out = {}
+        for name, t in self._spec.items():
+            n = math.prod(t.shape) if t.shape else 1
+            out[name] = TensorInfo(name, tuple(t.shape), canonical_dtype(t.dtype), n * 4)
+        return out
+
+    def get(self, name: str) -> Any:
+        """The tensor's current value in the canonical layout."""
+        return self._read(self._spec[name])
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> LiveReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def live_model(source: Any) -> Any:
