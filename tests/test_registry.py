@@ -32,7 +32,7 @@ GOOD = textwrap.dedent(f"""\
           - {{path: model.safetensors, sha256: {SHA}, size: 90868376}}
         format: safetensors
         layout: torch
-        architecture: {{torch: "hubload.zoo.torch_models:bert", tf: "hubload.zoo.keras_models:bert"}}
+        architecture: {{torch: "transformers:BertModel", tf: "keras_hub.models:BertBackbone"}}
         config: {{hidden_size: 384}}
         license: apache-2.0
         description: MiniLM
@@ -73,8 +73,8 @@ def test_good_registry_parses_every_field():
      "credentials"),
     ("source: hf://sentence-transformers/all-MiniLM-L6-v2", "source: hf://../../x", "source", "Hub repository"),
     ("config: {hidden_size: 384}", "config: [1, 2]", "config", "mapping"),
-    ('torch: "hubload.zoo.torch_models:bert"', 'jax: "x:y"', "architecture.jax", "unknown framework"),
-    ('torch: "hubload.zoo.torch_models:bert"', 'torch: "no-colon"', "architecture.torch", "module:callable"),
+    ('torch: "transformers:BertModel"', 'jax: "x:y"', "architecture.jax", "unknown framework"),
+    ('torch: "transformers:BertModel"', 'torch: "no-colon"', "architecture.torch", "module:callable"),
 ])
 def test_bad_fields_name_file_entry_field_and_line(old, new, field, fragment):
     text = GOOD.replace(old, new, 1)

@@ -1,306 +1,40 @@
-"""Keras 3 half of hubload's twin-architecture zoo: BERT, ResNet-18/50 and a small MLP.
+"""Keras 3 half of hubload's twin-architecture zoo: ResNet-18/50, the seed MLP, and ``mean_pool``.
 
 The models are subclassed, and their attribute paths are chosen so that
 :func:`hubload.adapters._keras_paths.keras_variable_paths` plus the Keras->canonical rule table
 (``/``->``.``, ``kernel``->``weight`` transposed, ``gamma``/``beta``->``weight``/``bias``,
-``moving_mean``/``moving_variance``->``running_mean``/``running_var``, ``embeddings``->``weight``) give
-exactly the PyTorch twins' ``state_dict`` keys in :mod:`hubload.zoo.torch_models`, which are the
-published checkpoints' names. E.g. ``encoder/layer/0/attention/self/query/kernel`` is
-``encoder.layer.0.attention.self.query.weight``.
+``moving_mean``/``moving_variance``->``running_mean``/``running_var``) give exactly the PyTorch twins'
+``state_dict`` keys in :mod:`hubload.zoo.torch_models`, which are the published checkpoints' names. E.g.
+``layer1/0/conv1/kernel`` is ``layer1.0.conv1.weight``. BERT is not here: registry entries build keras-hub's
+``BertBackbone`` (see :mod:`hubload.families`); ``mean_pool`` turns its ``sequence_output`` into sentence
+embeddings.
 
 Each factory takes the architecture config as keywords and returns a built model (variables exist).
 Images are NHWC here (NCHW in the torch twin). The code uses ``keras.ops`` only, but it is verified on
 the TensorFlow backend, the one hubload's Keras path targets: with the torch backend Keras stores
-sublayers in ``_modules``, which neither the attribute-path naming nor the ``output`` attribute expects.
+sublayers in ``_modules``, which the attribute-path naming does not expect.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import keras
 from keras import ops
 
-from hubload.zoo._config import check_bert_config
-
 __all__ = [
     "BasicBlock",
-    "BertModel",
     "Bottleneck",
     "MLP",
     "ResNet",
-    "bert",
     "mean_pool",
     "mlp",
     "resnet18",
     "resnet50",
 ]
 
-# Hugging Face's names for the activations; "gelu" is the exact erf form.
-_ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
-    "gelu": lambda x: ops.gelu(x, approximate=False),
-    "gelu_new": lambda x: ops.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: ops.gelu(x, approximate=True),
-    "relu": ops.relu,
-}
 
-
-class _OutputAttr:
-    """Mixin letting a layer own a sublayer called ``output``, as HF's BERT modules do.
-
-    Keras' ``Layer.output`` is a read-only property (the symbolic output in functional models); these
-    layers are never used that way, and the attribute name is what makes the canonical names match.
-    """
-
-    output = None
-
-
-# ---------------------------------------------------------------------------------------------- BERT
-
-
-def _dense(units: int, std: float, activation: str | None = None) -> keras.layers.Dense:
-    """Dense layer with HF's BERT initialisation."""
-    return keras.layers.Dense(units, activation=activation,
-                              kernel_initializer=keras.initializers.RandomNormal(stddev=std))
-
-
-class BertEmbeddings(keras.layers.Layer):
-    """Word + position + token-type embeddings, then LayerNorm and dropout."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int, type_vocab_size: int,
-                 layer_norm_eps: float, dropout: float, std: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        init = keras.initializers.RandomNormal(stddev=std)
-        self.word_embeddings = keras.layers.Embedding(vocab_size, hidden_size, embeddings_initializer=init)
-        self.position_embeddings = keras.layers.Embedding(max_position_embeddings, hidden_size,
-                                                          embeddings_initializer=init)
-        self.token_type_embeddings = keras.layers.Embedding(type_vocab_size, hidden_size,
-                                                            embeddings_initializer=init)
-        self.LayerNorm = keras.layers.LayerNormalization(epsilon=layer_norm_eps)
-        self.dropout = keras.layers.Dropout(dropout)
-
-    def call(self, input_ids: Any, token_type_ids: Any = None) -> Any:
-        """Embed ``input_ids`` [batch, seq] into [batch, seq, hidden]."""
-        if token_type_ids is None:
-            token_type_ids = ops.zeros_like(input_ids)
-        positions = ops.expand_dims(ops.arange(ops.shape(input_ids)[1]), 0)
-        x = (self.word_embeddings(input_ids)
-             + self.position_embeddings(positions)
-             + self.token_type_embeddings(token_type_ids))
-        return self.dropout(self.LayerNorm(x))
-
-
-class BertSelfAttention(keras.layers.Layer):
-    """Multi-head scaled dot-product attention with separate query/key/value projections."""
-
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, std: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.query = _dense(hidden_size, std)
-        self.key = _dense(hidden_size, std)
-        self.value = _dense(hidden_size, std)
-        self.dropout = keras.layers.Dropout(dropout)
-
-    def _split_heads(self, x: Any) -> Any:
-        """[batch, seq, hidden] -> [batch, heads, seq, head_dim]."""
-        shape = ops.shape(x)
-        x = ops.reshape(x, (shape[0], shape[1], self.num_heads, self.head_dim))
-        return ops.transpose(x, (0, 2, 1, 3))
-
-    def call(self, hidden: Any, mask_bias: Any = None) -> Any:
-        """Attend over ``hidden``; ``mask_bias`` [batch, 1, 1, seq] is added to the scores."""
-        q, k, v = (self._split_heads(proj(hidden)) for proj in (self.query, self.key, self.value))
-        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * self.head_dim**-0.5
-        if mask_bias is not None:
-            scores = scores + mask_bias
-        probs = self.dropout(ops.softmax(scores, axis=-1))
-        ctx = ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3))
-        shape = ops.shape(ctx)
-        return ops.reshape(ctx, (shape[0], shape[1], self.num_heads * self.head_dim))
-
-
-class BertResidualOutput(keras.layers.Layer):
-    """Dense -> dropout -> LayerNorm(x + residual): HF's ``BertSelfOutput`` and ``BertOutput``."""
-
-    def __init__(self, hidden_size: int, layer_norm_eps: float, dropout: float, std: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = _dense(hidden_size, std)
-        self.LayerNorm = keras.layers.LayerNormalization(epsilon=layer_norm_eps)
-        self.dropout = keras.layers.Dropout(dropout)
-
-    def call(self, x: Any, residual: Any) -> Any:
-        """Project ``x`` and add it to ``residual``."""
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
-class BertAttention(_OutputAttr, keras.layers.Layer):
-    """``self`` attention followed by its residual ``output`` block."""
-
-    def __init__(self, hidden_size: int, num_heads: int, layer_norm_eps: float, hidden_dropout: float,
-                 attention_dropout: float, std: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # HF names this submodule "self"; the attribute name is what makes the canonical names match.
-        setattr(self, "self", BertSelfAttention(hidden_size, num_heads, attention_dropout, std))
-        self.output = BertResidualOutput(hidden_size, layer_norm_eps, hidden_dropout, std)
-
-    def call(self, hidden: Any, mask_bias: Any = None) -> Any:
-        """Self-attention sublayer."""
-        return self.output(getattr(self, "self")(hidden, mask_bias), hidden)
-
-
-class BertIntermediate(keras.layers.Layer):
-    """The feed-forward expansion: dense + activation."""
-
-    def __init__(self, intermediate_size: int, act: Callable[[Any], Any], std: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = _dense(intermediate_size, std)
-        self.act = act
-
-    def call(self, x: Any) -> Any:
-        """Expand and activate."""
-        return self.act(self.dense(x))
-
-
-class BertLayer(_OutputAttr, keras.layers.Layer):
-    """One transformer encoder layer."""
-
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, act: Callable[[Any], Any],
-                 layer_norm_eps: float, hidden_dropout: float, attention_dropout: float, std: float,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.attention = BertAttention(hidden_size, num_heads, layer_norm_eps, hidden_dropout,
-                                       attention_dropout, std)
-        self.intermediate = BertIntermediate(intermediate_size, act, std)
-        self.output = BertResidualOutput(hidden_size, layer_norm_eps, hidden_dropout, std)
-
-    def call(self, hidden: Any, mask_bias: Any = None) -> Any:
-        """Attention then feed-forward, each with a residual LayerNorm."""
-        attended = self.attention(hidden, mask_bias)
-        return self.output(self.intermediate(attended), attended)
-
-
-class BertEncoder(keras.layers.Layer):
-    """The stack of encoder layers (``encoder/layer/N``)."""
-
-    def __init__(self, layers: list[BertLayer], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.layer = list(layers)
-
-    def call(self, hidden: Any, mask_bias: Any = None) -> Any:
-        """Run every layer in turn."""
-        for layer in self.layer:
-            hidden = layer(hidden, mask_bias)
-        return hidden
-
-
-class BertPooler(keras.layers.Layer):
-    """tanh(dense(hidden[:, 0])): the [CLS] summary HF calls ``pooler_output``."""
-
-    def __init__(self, hidden_size: int, std: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = _dense(hidden_size, std, activation="tanh")
-
-    def call(self, hidden: Any) -> Any:
-        """Pool the last hidden state [batch, seq, hidden] into [batch, hidden]."""
-        return self.dense(hidden[:, 0])
-
-
-def _mask_bias(attention_mask: Any, dtype: str) -> Any:
-    """HF's additive mask [batch, 1, 1, seq]: the dtype's most negative value on padded keys, 0 elsewhere."""
-    import ml_dtypes  # finfo that also knows bfloat16
-
-    keep = ops.cast(attention_mask[:, None, None, :], dtype)
-    return (1.0 - keep) * float(ml_dtypes.finfo(dtype).min)
-
-
-class BertModel(keras.Model):
-    """BERT encoder whose variables map to Hugging Face ``BertModel``'s parameter names.
-
-    Calling it returns the last hidden state; apply ``self.pooler`` (if present) for HF's
-    ``pooler_output`` or :func:`mean_pool` for a sentence-transformers embedding.
-    """
-
-    def __init__(self, *, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
-                 intermediate_size: int, max_position_embeddings: int, type_vocab_size: int,
-                 layer_norm_eps: float, hidden_act: str, hidden_dropout_prob: float,
-                 attention_probs_dropout_prob: float, initializer_range: float, add_pooler: bool,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        act, std = _ACTIVATIONS[hidden_act], initializer_range
-        self.embeddings = BertEmbeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
-                                         layer_norm_eps, hidden_dropout_prob, std)
-        self.encoder = BertEncoder([
-            BertLayer(hidden_size, num_attention_heads, intermediate_size, act, layer_norm_eps,
-                      hidden_dropout_prob, attention_probs_dropout_prob, std)
-            for _ in range(num_hidden_layers)
-        ])
-        self.pooler = BertPooler(hidden_size, std) if add_pooler else None
-
-    def build(self, input_shape: Any) -> None:
-        """Nothing to create up front: the sublayers build on the first call (see :func:`bert`)."""
-        self.built = True
-
-    def call(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> Any:
-        """Encode a batch of token ids.
-
-        Args:
-            input_ids: Integer tensor [batch, seq].
-            attention_mask: 1 for tokens to attend to, 0 for padding, [batch, seq]; None attends to all.
-            token_type_ids: Segment ids [batch, seq]; None means all zeros.
-
-        Returns:
-            The last hidden state [batch, seq, hidden].
-        """
-        hidden = self.embeddings(input_ids, token_type_ids)
-        mask_bias = None if attention_mask is None else _mask_bias(attention_mask, self.compute_dtype)
-        return self.encoder(hidden, mask_bias)
-
-
-def bert(*, vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: int = 12,
-         num_attention_heads: int = 12, intermediate_size: int = 3072, max_position_embeddings: int = 512,
-         type_vocab_size: int = 2, layer_norm_eps: float = 1e-12, hidden_act: str = "gelu",
-         hidden_dropout_prob: float = 0.1, attention_probs_dropout_prob: float = 0.1,
-         initializer_range: float = 0.02, add_pooler: bool = True) -> BertModel:
-    """Build a BERT encoder (bert-base-uncased defaults; keys as in HF ``BertConfig``).
-
-    The model has no task head; ``pooler/dense/*`` (present when ``add_pooler``) is HF's pooler.
-
-    Args:
-        vocab_size: Rows of ``embeddings/word_embeddings/embeddings``.
-        hidden_size: Width of every hidden state.
-        num_hidden_layers: Number of ``encoder/layer/N`` blocks.
-        num_attention_heads: Attention heads per layer; must divide ``hidden_size``.
-        intermediate_size: Width of the feed-forward expansion.
-        max_position_embeddings: Longest supported sequence.
-        type_vocab_size: Number of token-type (segment) ids.
-        layer_norm_eps: LayerNorm epsilon.
-        hidden_act: "gelu" (exact erf), "gelu_new"/"gelu_pytorch_tanh" (tanh approximation) or "relu".
-        hidden_dropout_prob: Dropout after embeddings and dense projections (training only).
-        attention_probs_dropout_prob: Dropout on attention probabilities (training only).
-        initializer_range: Std of the normal initialiser for fresh weights.
-        add_pooler: Whether to create ``pooler/dense``.
-
-    Returns:
-        A built :class:`BertModel` (pooler included).
-
-    Raises:
-        RegistryError: If ``hidden_act`` is unknown or the heads do not divide ``hidden_size``.
-    """
-    check_bert_config(hidden_size, num_attention_heads, hidden_act, _ACTIVATIONS)
-    model = BertModel(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                      num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-                      max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size,
-                      layer_norm_eps=layer_norm_eps, hidden_act=hidden_act,
-                      hidden_dropout_prob=hidden_dropout_prob,
-                      attention_probs_dropout_prob=attention_probs_dropout_prob,
-                      initializer_range=initializer_range, add_pooler=add_pooler)
-    ids = ops.zeros((1, 2), dtype="int32")
-    hidden = model(ids, attention_mask=ops.ones((1, 2), dtype="int32"))
-    if model.pooler is not None:  # the forward pass does not touch the pooler; build it too
-        model.pooler(hidden)
-    return model
+# ------------------------------------------------------------------------------------------ pooling
 
 
 def mean_pool(hidden: Any, mask: Any) -> Any:

@@ -1,278 +1,36 @@
-"""PyTorch half of hubload's twin-architecture zoo: BERT, ResNet-18/50 and a small MLP.
+"""PyTorch half of hubload's twin-architecture zoo: ResNet-18/50, the seed MLP, and ``mean_pool``.
 
-Each model's ``state_dict()`` keys are the names its published checkpoints use (Hugging Face
-``BertModel``, torchvision ``resnet18``/``resnet50``), so weights load with no per-model conversion.
-The Keras twins in :mod:`hubload.zoo.keras_models` use attribute paths that map to the same names
-through hubload's Keras<->canonical rule table.
+These are hand-written only because no library class installs here: torchvision's wheels need a CUDA build of
+torch. Each model's ``state_dict()`` keys are the names its published checkpoints use (torchvision
+``resnet18``/``resnet50``), so weights load with no per-model conversion. The Keras twins in
+:mod:`hubload.zoo.keras_models` use attribute paths that map to the same names through hubload's
+Keras<->canonical rule table. BERT is not here: registry entries build transformers' ``BertModel`` (see
+:mod:`hubload.families`); ``mean_pool`` turns its ``last_hidden_state`` into sentence embeddings.
 
-The registry refers to the factories as ``"hubload.zoo.torch_models:bert"`` etc.; each takes the
+The registry refers to the factories as ``"hubload.zoo.torch_models:resnet18"`` etc.; each takes the
 architecture config as keywords and returns a built model in eval mode (what loading weights for
 inference wants; call ``.train()`` to fine-tune).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hubload.zoo._config import check_bert_config
-
 __all__ = [
     "BasicBlock",
-    "BertModel",
     "Bottleneck",
     "MLP",
     "ResNet",
-    "bert",
     "mean_pool",
     "mlp",
     "resnet18",
     "resnet50",
 ]
 
-# Hugging Face's names for the activations; "gelu" is the exact erf form.
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
-
-# ---------------------------------------------------------------------------------------------- BERT
-
-
-class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, then LayerNorm and dropout."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int,
-                 type_vocab_size: int, layer_norm_eps: float, dropout: float) -> None:
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
-        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        # Non-persistent: derived data, so it stays out of state_dict (old HF checkpoints still carry it).
-        self.register_buffer("position_ids", torch.arange(max_position_embeddings).unsqueeze(0),
-                             persistent=False)
-
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """Embed ``input_ids`` [batch, seq] into [batch, seq, hidden]."""
-        seq_len = input_ids.shape[1]
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = (self.word_embeddings(input_ids)
-             + self.position_embeddings(self.position_ids[:, :seq_len])
-             + self.token_type_embeddings(token_type_ids))
-        return self.dropout(self.LayerNorm(x))
-
-
-class BertSelfAttention(nn.Module):
-    """Multi-head scaled dot-product attention with separate query/key/value projections."""
-
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
-        self.dropout_p = dropout
-
-    def _split_heads(self, x: Tensor) -> Tensor:
-        """[batch, seq, hidden] -> [batch, heads, seq, head_dim]."""
-        b, s, _ = x.shape
-        return x.view(b, s, self.num_heads, -1).transpose(1, 2)
-
-    def forward(self, hidden: Tensor, mask_bias: Tensor | None) -> Tensor:
-        """Attend over ``hidden``; ``mask_bias`` [batch, 1, 1, seq] is added to the scores."""
-        q, k, v = (self._split_heads(proj(hidden)) for proj in (self.query, self.key, self.value))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        b, _, s, _ = ctx.shape
-        return ctx.transpose(1, 2).reshape(b, s, -1)
-
-
-class BertResidualOutput(nn.Module):
-    """Dense -> dropout -> LayerNorm(x + residual): HF's ``BertSelfOutput`` and ``BertOutput``."""
-
-    def __init__(self, in_size: int, hidden_size: int, layer_norm_eps: float, dropout: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(in_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """Project ``x`` and add it to ``residual``."""
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
-class BertAttention(nn.Module):
-    """``self`` attention followed by its residual ``output`` block."""
-
-    def __init__(self, hidden_size: int, num_heads: int, layer_norm_eps: float,
-                 hidden_dropout: float, attention_dropout: float) -> None:
-        super().__init__()
-        # HF names this submodule "self"; the attribute name is what makes the checkpoint keys match.
-        setattr(self, "self", BertSelfAttention(hidden_size, num_heads, attention_dropout))
-        self.output = BertResidualOutput(hidden_size, hidden_size, layer_norm_eps, hidden_dropout)
-
-    def forward(self, hidden: Tensor, mask_bias: Tensor | None) -> Tensor:
-        """Self-attention sublayer."""
-        return self.output(getattr(self, "self")(hidden, mask_bias), hidden)
-
-
-class BertIntermediate(nn.Module):
-    """The feed-forward expansion: dense + activation."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, intermediate_size)
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Expand and activate."""
-        return self.act(self.dense(x))
-
-
-class BertLayer(nn.Module):
-    """One transformer encoder layer."""
-
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, act: Callable[[Tensor], Tensor],
-                 layer_norm_eps: float, hidden_dropout: float, attention_dropout: float) -> None:
-        super().__init__()
-        self.attention = BertAttention(hidden_size, num_heads, layer_norm_eps, hidden_dropout, attention_dropout)
-        self.intermediate = BertIntermediate(hidden_size, intermediate_size, act)
-        self.output = BertResidualOutput(intermediate_size, hidden_size, layer_norm_eps, hidden_dropout)
-
-    def forward(self, hidden: Tensor, mask_bias: Tensor | None) -> Tensor:
-        """Attention then feed-forward, each with a residual LayerNorm."""
-        attended = self.attention(hidden, mask_bias)
-        return self.output(self.intermediate(attended), attended)
-
-
-class BertEncoder(nn.Module):
-    """The stack of encoder layers (``encoder.layer.N``)."""
-
-    def __init__(self, layers: list[BertLayer]) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(layers)
-
-    def forward(self, hidden: Tensor, mask_bias: Tensor | None) -> Tensor:
-        """Run every layer in turn."""
-        for layer in self.layer:
-            hidden = layer(hidden, mask_bias)
-        return hidden
-
-
-class BertPooler(nn.Module):
-    """tanh(dense(hidden[:, 0])): the [CLS] summary HF calls ``pooler_output``."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        """Pool the last hidden state [batch, seq, hidden] into [batch, hidden]."""
-        return torch.tanh(self.dense(hidden[:, 0]))
-
-
-class BertModel(nn.Module):
-    """BERT encoder whose ``state_dict`` keys equal Hugging Face ``BertModel``'s.
-
-    ``forward`` returns the last hidden state; apply ``self.pooler`` (if present) for HF's
-    ``pooler_output`` or :func:`mean_pool` for a sentence-transformers embedding.
-    """
-
-    def __init__(self, *, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
-                 intermediate_size: int, max_position_embeddings: int, type_vocab_size: int,
-                 layer_norm_eps: float, hidden_act: str, hidden_dropout_prob: float,
-                 attention_probs_dropout_prob: float, add_pooler: bool) -> None:
-        super().__init__()
-        act = _ACTIVATIONS[hidden_act]
-        self.embeddings = BertEmbeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
-                                         layer_norm_eps, hidden_dropout_prob)
-        self.encoder = BertEncoder([
-            BertLayer(hidden_size, num_attention_heads, intermediate_size, act, layer_norm_eps,
-                      hidden_dropout_prob, attention_probs_dropout_prob)
-            for _ in range(num_hidden_layers)
-        ])
-        self.pooler = BertPooler(hidden_size) if add_pooler else None
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> Tensor:
-        """Encode a batch of token ids.
-
-        Args:
-            input_ids: Integer tensor [batch, seq].
-            attention_mask: 1 for tokens to attend to, 0 for padding, [batch, seq]; None attends to all.
-            token_type_ids: Segment ids [batch, seq]; None means all zeros.
-
-        Returns:
-            The last hidden state [batch, seq, hidden].
-        """
-        hidden = self.embeddings(input_ids, token_type_ids)
-        mask_bias = None
-        if attention_mask is not None:
-            # HF's additive mask: the dtype's most negative value on padded keys, 0 elsewhere.
-            keep = attention_mask[:, None, None, :].to(hidden.dtype)
-            mask_bias = (1.0 - keep) * torch.finfo(hidden.dtype).min
-        return self.encoder(hidden, mask_bias)
-
-
-def _init_bert(module: nn.Module, std: float) -> None:
-    """HF's BERT initialisation: N(0, std) weights, zero biases, unit LayerNorm."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=std)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def bert(*, vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: int = 12,
-         num_attention_heads: int = 12, intermediate_size: int = 3072, max_position_embeddings: int = 512,
-         type_vocab_size: int = 2, layer_norm_eps: float = 1e-12, hidden_act: str = "gelu",
-         hidden_dropout_prob: float = 0.1, attention_probs_dropout_prob: float = 0.1,
-         initializer_range: float = 0.02, add_pooler: bool = True) -> BertModel:
-    """Build a BERT encoder (bert-base-uncased defaults; keys as in HF ``BertConfig``).
-
-    The model has no task head; ``pooler.dense.*`` (present when ``add_pooler``) is HF's pooler.
-
-    Args:
-        vocab_size: Rows of ``embeddings.word_embeddings.weight``.
-        hidden_size: Width of every hidden state.
-        num_hidden_layers: Number of ``encoder.layer.N`` blocks.
-        num_attention_heads: Attention heads per layer; must divide ``hidden_size``.
-        intermediate_size: Width of the feed-forward expansion.
-        max_position_embeddings: Longest supported sequence.
-        type_vocab_size: Number of token-type (segment) ids.
-        layer_norm_eps: LayerNorm epsilon.
-        hidden_act: "gelu" (exact erf), "gelu_new"/"gelu_pytorch_tanh" (tanh approximation) or "relu".
-        hidden_dropout_prob: Dropout after embeddings and dense projections (training only).
-        attention_probs_dropout_prob: Dropout on attention probabilities (training only).
-        initializer_range: Std of the normal initialiser for fresh weights.
-        add_pooler: Whether to create ``pooler.dense``.
-
-    Returns:
-        A :class:`BertModel` in eval mode.
-
-    Raises:
-        RegistryError: If ``hidden_act`` is unknown or the heads do not divide ``hidden_size``.
-    """
-    check_bert_config(hidden_size, num_attention_heads, hidden_act, _ACTIVATIONS)
-    model = BertModel(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                      num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-                      max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size,
-                      layer_norm_eps=layer_norm_eps, hidden_act=hidden_act,
-                      hidden_dropout_prob=hidden_dropout_prob,
-                      attention_probs_dropout_prob=attention_probs_dropout_prob, add_pooler=add_pooler)
-    model.apply(lambda m: _init_bert(m, initializer_range))
-    return model.eval()
+# ------------------------------------------------------------------------------------------ pooling
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Built-in registry entries end to end: ``hubload.load("id", framework=...)`` checked before the download.
 
-The real all-MiniLM-L6-v2 file is served by the local Hub look-alike (``HF_ENDPOINT``); everything else is
-a tiny checkpoint generated from the torch twins and served by the local Hub or file server. The MiniLM
-models are loaded once per module (the only heavy fixture).
+The real all-MiniLM-L6-v2 file is served by the local Hub look-alike (``HF_ENDPOINT``); everything else is a
+tiny checkpoint (from transformers' BertModel or the zoo's ResNet/MLP twins) served by the local Hub or file
+server. The MiniLM models are loaded once per module (the only heavy fixture).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def _bert_base_style(state: dict) -> dict:
     return out
 
 
-def test_bert_base_uncased_style_checkpoint_loads_strictly_into_both_twins(hub_server, monkeypatch, tmp_path):
+def test_bert_base_uncased_style_checkpoint_loads_strictly_into_both_library_classes(hub_server, monkeypatch, tmp_path):
     torch.manual_seed(0)
     src = transformers.BertModel(transformers.BertConfig(**TINY_BERT)).eval()
     state = _bert_base_style(src.state_dict())

@@ -2,7 +2,8 @@
 
 Both frameworks run the same checks on the embedded ``seed-mlp`` entry (head ``dense2.*``); the position
 table case uses the real all-MiniLM-L6-v2 file; the input-channel case a generated ResNet-18 checkpoint;
-the custom BERT head a tiny generated BERT checkpoint.
+the custom BERT head a tiny checkpoint generated from transformers' ``BertModel``. The BERT encoders are the
+library classes (transformers' ``BertModel``, keras-hub's ``BertBackbone``) built from a config.json dict.
 """
 
 from __future__ import annotations
@@ -197,12 +198,19 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attent
               intermediate_size=1536, type_vocab_size=2, layer_norm_eps=1e-12)
 
 
-def test_longer_position_table_is_a_clear_report(fw, minilm_file):
+def _bert(fw, config):
+    """transformers' BertModel (torch) or keras-hub's BertBackbone (tf) built from a config.json dict."""
+    from hubload.adapters import hf_families
+
     if fw == "torch":
-        from hubload.zoo.torch_models import bert
-    else:
-        from hubload.zoo.keras_models import bert
-    model = bert(**MINILM, max_position_embeddings=1024)
+        transformers = pytest.importorskip("transformers")
+        return hf_families.build(transformers.BertModel, config)
+    keras_hub = pytest.importorskip("keras_hub")
+    return hf_families.build(keras_hub.models.BertBackbone, config)
+
+
+def test_longer_position_table_is_a_clear_report(fw, minilm_file):
+    model = _bert(fw, {**MINILM, "max_position_embeddings": 1024})
     report = hubload.check(minilm_file, model=model)
     assert [(m.key, m.checkpoint_shape, m.model_shape) for m in report.shape_mismatches] == \
         [("embeddings.position_embeddings.weight", (512, 384), (1024, 384))]
@@ -213,8 +221,8 @@ def test_longer_position_table_is_a_clear_report(fw, minilm_file):
 
 # ---------------------------------------------------------------------- a custom head on the BERT encoder
 
-TINY_BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                 max_position_embeddings=16, type_vocab_size=2, add_pooler=False)
+TINY_BERT = dict(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=16, type_vocab_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -222,46 +230,48 @@ def tiny_bert_file(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from hubload.zoo.torch_models import bert
-
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bert") / "tiny-bert.safetensors"
-    save_file({k: v.contiguous() for k, v in bert(**TINY_BERT).state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in _bert("torch", TINY_BERT).state_dict().items()}, str(path))
     return path
 
 
 def _torch_classifier(num_classes):
-    """The documented pattern: encoder as ``bert``, mean pooling, a Dense head as ``classifier``."""
+    """The documented pattern: BertModel as ``backbone``, mean pooling, a Linear head as ``classifier``."""
     import torch
 
-    from hubload.zoo.torch_models import bert, mean_pool
+    from hubload.zoo.torch_models import mean_pool
 
     class SentenceClassifier(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.bert = bert(**TINY_BERT)
+            self.backbone = _bert("torch", TINY_BERT)
             self.classifier = torch.nn.Linear(TINY_BERT["hidden_size"], num_classes)
 
         def forward(self, input_ids, attention_mask):
-            return self.classifier(mean_pool(self.bert(input_ids, attention_mask), attention_mask))
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.classifier(mean_pool(hidden, attention_mask))
 
     return SentenceClassifier()
 
 
-def _keras_classifier(num_classes):
+def _keras_classifier(encoder, num_classes):
+    """The same head on a loaded BertBackbone: mean pooling of ``sequence_output``, a Dense ``classifier``."""
     import keras
 
-    from hubload.zoo.keras_models import bert, mean_pool
+    from hubload.zoo.keras_models import mean_pool
 
     class SentenceClassifier(keras.Model):
         def __init__(self):
             super().__init__()
-            self.bert = bert(**TINY_BERT)
+            self.backbone = encoder
             self.classifier = keras.layers.Dense(num_classes)
 
         def call(self, inputs):
-            mask = inputs["attention_mask"]
-            return self.classifier(mean_pool(self.bert(inputs["input_ids"], attention_mask=mask), mask))
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            hidden = self.backbone({"token_ids": ids, "segment_ids": keras.ops.zeros_like(ids),
+                                "padding_mask": mask})["sequence_output"]
+            return self.classifier(mean_pool(hidden, mask))
 
     model = SentenceClassifier()
     model({"input_ids": np.zeros((1, 3), "int32"), "attention_mask": np.ones((1, 3), "int32")})
@@ -272,26 +282,42 @@ def test_custom_head_on_bert_encoder_in_both_frameworks(tiny_bert_file):
     pytest.importorskip("tensorflow")
     import torch
 
-    outputs = {}
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50, (3, 7)).astype("int64")
     mask = np.ones((3, 7), "int64")
     mask[1, 4:] = 0
     head_w, head_b = rng.normal(size=(4, 16)).astype("float32"), rng.normal(size=4).astype("float32")
-    for name, build in (("torch", _torch_classifier), ("tf", _keras_classifier)):
-        model, report = hubload.load(tiny_bert_file, model=build(4), exclude=["classifier.*"], freeze="backbone",
-                                     return_report=True)
-        assert report.ok and report.prefix_changes  # checkpoint names gain the ``bert.`` prefix
-        assert {i.key for i in report.ignored if i.side == "model"} == {"classifier.weight", "classifier.bias"}
-        trainable = _trainable(model)
-        assert {k for k, v in trainable.items() if v} == {"classifier.weight", "classifier.bias"}
-        if name == "torch":
-            with torch.no_grad():
-                model.classifier.weight.copy_(torch.from_numpy(head_w))
-                model.classifier.bias.copy_(torch.from_numpy(head_b))
-                outputs[name] = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        else:
-            model.classifier.kernel.assign(head_w.T)
-            model.classifier.bias.assign(head_b)
-            outputs[name] = np.asarray(model({"input_ids": ids.astype("int32"), "attention_mask": mask.astype("int32")}))
-    np.testing.assert_allclose(outputs["tf"], outputs["torch"], atol=1e-4)
+
+    # torch: the whole classifier loads from the encoder's file, the head excluded and the rest frozen.
+    model, report = hubload.load(tiny_bert_file, model=_torch_classifier(4), exclude=["classifier.*"],
+                                 freeze="backbone", return_report=True)
+    n_tensors = len(_bert("torch", TINY_BERT).state_dict())
+    assert report.ok and report.prefix_changes == [f"added 'backbone.' to {n_tensors} checkpoint keys"]
+    assert {i.key for i in report.ignored if i.side == "model"} == {"classifier.weight", "classifier.bias"}
+    assert {k for k, v in _trainable(model).items() if v} == {"classifier.weight", "classifier.bias"}
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(head_w))
+        model.classifier.bias.copy_(torch.from_numpy(head_b))
+        want = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    # Keras: the backbone loads from the same file (Hub names), then the head goes on top of it.
+    encoder, report = hubload.load(tiny_bert_file, model=_bert("tf", TINY_BERT), return_report=True)
+    assert report.ok and len(report.matched) == n_tensors
+    encoder.trainable = False  # freeze="backbone" does not reach a keras-hub backbone yet: see the xfail below
+    kmodel = _keras_classifier(encoder, 4)
+    assert [v.path for v in kmodel.trainable_weights] == [kmodel.classifier.kernel.path, kmodel.classifier.bias.path]
+    kmodel.classifier.kernel.assign(head_w.T)
+    kmodel.classifier.bias.assign(head_b)
+    got = np.asarray(kmodel({"input_ids": ids.astype("int32"), "attention_mask": mask.astype("int32")}))
+    assert np.abs(want).max() > 1e-2  # not two near-zero outputs
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, raises=hubload.errors.UsageError,
+                   reason="adapters/tf.py freeze() looks names up in the generic Keras spec, not the family spec "
+                          "(Hub names) a keras-hub backbone is loaded by")
+def test_freeze_backbone_reaches_a_keras_hub_backbone(tiny_bert_file):
+    pytest.importorskip("tensorflow")
+    encoder, report = hubload.load(tiny_bert_file, model=_bert("tf", TINY_BERT), freeze="backbone",
+                                   return_report=True)
+    assert report.ok and encoder.weights and not encoder.trainable_weights
