@@ -315,6 +315,48 @@ def _fallback_config(backbone: Any) -> dict[str, Any]:
             "tie_word_embeddings": getattr(backbone, "tie_word_embeddings", True)}
 
 
+# (hook code + closure values, variable shapes, owner equation) -> (Hub shape, index arrays, transform): every
+# encoder layer ports its tensors with the same hooks, and the index probes cost a pass over each tensor.
+_INFERRED: dict[Any, tuple[tuple[int, ...], list[np.ndarray], Transform | None]] = {}
+
+
+def _hook_key(hook: Hook) -> Any:
+    if hook is None:
+        return None
+    code = getattr(hook, "__code__", None)
+    cells = tuple(c.cell_contents for c in getattr(hook, "__closure__", None) or ())
+    try:
+        hash(cells)
+    except TypeError:
+        return id(hook)  # unhashable closure: no sharing, still correct
+    return (code, cells, getattr(hook, "__defaults__", None)) if code is not None else id(hook)
+
+
+def _inferred(ports: list[tuple[Any, Hook]], owner: Any, backbone: Any, name: str, family: Family
+              ) -> tuple[tuple[int, ...], list[np.ndarray], Transform | None]:
+    """The Hub shape of the tensor feeding ``ports``, the index arrays of keras-hub's hooks, the one-port
+    transform; inferred once per kind of port (see :data:`_INFERRED`)."""
+    key = (tuple(_hook_key(h) for _, h in ports), tuple(_shape(v) for v, _ in ports),
+           getattr(owner, "equation", None), _leaf(ports[0][0]))
+    hit = _INFERRED.get(key) if all(k is None or not isinstance(k, int) for k in key[0]) else None
+    if hit is not None:
+        return hit
+    good = []
+    for cand in _candidates(ports, owner):
+        index = _maps_onto(cand, ports)
+        if index is not None and (len(ports) > 1 or _natural(cand, index[0])):
+            good.append((cand, index))
+            break  # candidates come in order of preference
+    if not good:
+        raise HubloadError(f"{type(backbone).__name__}: cannot infer the Hub shape of {name!r} from keras-hub's "
+                           f"{family.converter}; please report it")
+    cand, index = good[0]
+    result = (cand, index, _transform(cand, index[0]) if len(ports) == 1 else None)
+    if len(_INFERRED) < 4096:
+        _INFERRED[key] = result
+    return result
+
+
 def keras_spec(backbone: Any, family: Family) -> dict[str, ModelTensor]:
     """Every variable of a keras-hub family backbone, named by the Hub checkpoint tensor it loads from.
 
@@ -334,19 +376,11 @@ def keras_spec(backbone: Any, family: Family) -> dict[str, ModelTensor]:
         if name in out:
             raise HubloadError(f"{type(backbone).__name__}: Hub tensors {hub_name!r} and another both become {name!r} "
                                f"under the {family.name} family's renames; please report it")
-        good = []
-        for cand in _candidates(ports, owners.get(id(ports[0][0]))):
-            index = _maps_onto(cand, ports)
-            if index is not None and (len(ports) > 1 or _natural(cand, index[0])):
-                good.append((cand, index))
-                break  # candidates come in order of preference
-        shapes = {c for c, _ in good}
-        if len(shapes) != 1:
-            raise HubloadError(f"{type(backbone).__name__}: cannot infer the Hub shape of {name!r} from keras-hub's "
-                               f"{family.converter} (candidates {sorted(shapes) or 'none'}); please report it")
-        cand, index = good[0]
         var = ports[0][0]
-        transform = _transform(cand, index[0]) if len(ports) == 1 else None
+        if len(ports) == 1 and ports[0][1] is None:  # no hook: the Hub tensor is the variable, as it is
+            cand, index, transform = _shape(var), None, None
+        else:
+            cand, index, transform = _inferred(ports, owners.get(id(var)), backbone, name, family)
         if len(ports) == 1 and (transform is not None or tuple(cand) == _shape(var)):
             out[name] = ModelTensor(name, cand, canonical_dtype(var.dtype), str(var.path), transform,
                                     f"keras-hub {family.name}", var)
