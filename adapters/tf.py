@@ -331,7 +331,10 @@ def freeze(model: Any, names: list[str]) -> None:
     Raises:
         HubloadError: A name is not one of the model's variables.
     """
-    model_spec = spec(model)
+    from hubload.families import family_model_spec
+
+    # A keras-hub family backbone is loaded (and reported) under the Hub's names: look those up too.
+    model_spec = {**spec(model), **(family_model_spec(model, "torch") or {})}
     unknown = [n for n in names if n not in model_spec]
     if unknown:
         raise UsageError(f"{type(model).__name__}: cannot freeze {unknown[:5]}: no such variable")

@@ -303,7 +303,7 @@ def test_custom_head_on_bert_encoder_in_both_frameworks(tiny_bert_file):
     # Keras: the backbone loads from the same file (Hub names), then the head goes on top of it.
     encoder, report = hubload.load(tiny_bert_file, model=_bert("tf", TINY_BERT), return_report=True)
     assert report.ok and len(report.matched) == n_tensors
-    encoder.trainable = False  # freeze="backbone" does not reach a keras-hub backbone yet: see the xfail below
+    encoder.trainable = False
     kmodel = _keras_classifier(encoder, 4)
     assert [v.path for v in kmodel.trainable_weights] == [kmodel.classifier.kernel.path, kmodel.classifier.bias.path]
     kmodel.classifier.kernel.assign(head_w.T)
@@ -313,11 +313,11 @@ def test_custom_head_on_bert_encoder_in_both_frameworks(tiny_bert_file):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=hubload.errors.UsageError,
-                   reason="adapters/tf.py freeze() looks names up in the generic Keras spec, not the family spec "
-                          "(Hub names) a keras-hub backbone is loaded by")
 def test_freeze_backbone_reaches_a_keras_hub_backbone(tiny_bert_file):
     pytest.importorskip("tensorflow")
     encoder, report = hubload.load(tiny_bert_file, model=_bert("tf", TINY_BERT), freeze="backbone",
                                    return_report=True)
     assert report.ok and encoder.weights and not encoder.trainable_weights
+    part, _ = hubload.load(tiny_bert_file, model=_bert("tf", TINY_BERT), freeze=["embeddings.*"], return_report=True)
+    frozen = {v.path for v in part.weights} - {v.path for v in part.trainable_weights}
+    assert frozen and part.trainable_weights and all("embedding" in p for p in frozen)
