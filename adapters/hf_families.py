@@ -338,7 +338,8 @@ def _inferred(ports: list[tuple[Any, Hook]], owner: Any, backbone: Any, name: st
     transform; inferred once per kind of port (see :data:`_INFERRED`)."""
     key = (tuple(_hook_key(h) for _, h in ports), tuple(_shape(v) for v, _ in ports),
            getattr(owner, "equation", None), _leaf(ports[0][0]))
-    hit = _INFERRED.get(key) if all(k is None or not isinstance(k, int) for k in key[0]) else None
+    shareable = not any(isinstance(k, int) for k in key[0])  # an id() key is never shared (ids are reused)
+    hit = _INFERRED.get(key) if shareable else None
     if hit is not None:
         return hit
     good = []
@@ -352,7 +353,7 @@ def _inferred(ports: list[tuple[Any, Hook]], owner: Any, backbone: Any, name: st
                            f"{family.converter}; please report it")
     cand, index = good[0]
     result = (cand, index, _transform(cand, index[0]) if len(ports) == 1 else None)
-    if len(_INFERRED) < 4096:
+    if shareable and len(_INFERRED) < 4096:
         _INFERRED[key] = result
     return result
 

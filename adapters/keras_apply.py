@@ -30,11 +30,11 @@ from hubload.keras_layers import spec_for_mro
 
 logger = logging.getLogger("hubload")
 
-__all__ = ["ROLLBACK_IN_MEMORY", "apply", "checkpoint_values", "restore", "snapshot"]
+__all__ = ["ROLLBACK_IN_MEMORY", "apply", "checkpoint_values", "restore", "snapshot", "strategy_scope"]
 
 
 @contextlib.contextmanager
-def _strategy_scope(model: Any) -> Iterator[None]:
+def strategy_scope(model: Any) -> Iterator[None]:
     """Enter the strategy the model's variables were created under (unless already inside one)."""
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is None:
@@ -121,6 +121,11 @@ class _TensorSource:
 ROLLBACK_IN_MEMORY = 128 * 2**20
 
 
+def _nbytes(var: Any) -> int:
+    """Bytes a variable's value takes."""
+    return int(np.prod(var.shape, dtype=np.int64)) * np.dtype(numpy_dtype(canonical_dtype(var.dtype))).itemsize
+
+
 def _plain_tf_variable(var: Any) -> Any:
     """The ``tf.Variable`` behind a Keras variable when it is a plain (undistributed) one, else None."""
     inner = getattr(var, "value", var)
@@ -145,7 +150,7 @@ class _Spool:
         self._saved: list[tuple[Any, Any, int, tuple[int, ...], np.dtype]] = []
 
     def save(self, var: Any) -> None:
-        nbytes = int(np.prod(var.shape, dtype=np.int64)) * np.dtype(numpy_dtype(canonical_dtype(var.dtype))).itemsize
+        nbytes = _nbytes(var)
         inner = _plain_tf_variable(var) if nbytes <= self._budget else None
         if inner is not None:
             self._budget -= nbytes
@@ -160,7 +165,7 @@ class _Spool:
         self._file.write(memoryview(np.ascontiguousarray(old)).cast("B"))
 
     def restore(self, model: Any) -> None:
-        with _strategy_scope(model):
+        with strategy_scope(model):
             for var, held, offset, shape, dtype in reversed(self._saved):
                 if held is not None:
                     var.assign(held)
@@ -277,7 +282,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     assigned = 0
     assigned_ids: set[int] = set()
     try:
-        with _strategy_scope(model):
+        with strategy_scope(model):
             for m, target in plan:
                 arr = apply_transform(source.get(m.source), m.transform)
                 if target.group is None:
@@ -326,7 +331,7 @@ def _rollback_is_free(model: Any) -> bool:
     for var in model.weights:
         if _plain_tf_variable(var) is None:
             return False
-        total += int(np.prod(var.shape, dtype=np.int64)) * np.dtype(numpy_dtype(canonical_dtype(var.dtype))).itemsize
+        total += _nbytes(var)
     return total <= ROLLBACK_IN_MEMORY
 
 

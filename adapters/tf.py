@@ -61,6 +61,7 @@ __all__ = [
     "load_weights",
     "name",
     "owns",
+    "require_built",
     "restore_native",
     "spec",
     "to_numpy",
@@ -80,7 +81,7 @@ def owns(model: Any) -> bool:
     return isinstance(model, keras.layers.Layer)
 
 
-def _require_built(model: Any) -> None:
+def require_built(model: Any) -> None:
     """Refuse a model whose variables do not exist yet."""
     if not getattr(model, "built", False) or not model.weights:
         raise UsageError(f"{type(model).__name__} is not built (it has no variables yet); build it first, "
@@ -244,7 +245,7 @@ def spec(model: Any) -> dict[str, ModelTensor]:
         HubloadError: The model is not built, a weight cannot be placed (named by its path), or two
             variables map to one canonical name.
     """
-    _require_built(model)
+    require_built(model)
     weights = {id(v): v for v in model.weights}
     visited: list[tuple[Any, tuple[str, ...]]] = []
     entries = walk(model, visited)

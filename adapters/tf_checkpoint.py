@@ -31,7 +31,7 @@ from hubload.errors import (
 from hubload.layout import TF_VARIABLE_SUFFIX, to_canonical
 
 logger = logging.getLogger("hubload")
-from hubload.adapters.keras_apply import _strategy_scope
+from hubload.adapters.keras_apply import strategy_scope
 
 __all__ = ["TFCheckpointReader", "load_full", "load_weights", "restore_native"]
 
@@ -198,7 +198,7 @@ def _snapshot(variables: list[Any]) -> list[np.ndarray]:
 
 def _rollback(model: Any, variables: list[Any], values: list[np.ndarray]) -> None:
     """Restore variables to snapshot values."""
-    with _strategy_scope(model):
+    with strategy_scope(model):
         for v, val in zip(variables, values):
             v.assign(val)
 
@@ -270,9 +270,9 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     p = pathlib.Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
-    from hubload.adapters.tf import _require_built
+    from hubload.adapters.tf import require_built
 
-    _require_built(model)
+    require_built(model)
     variables = list(model.weights)
     before = _snapshot(variables)
     try:
