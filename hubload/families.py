@@ -21,7 +21,7 @@ A library class listed here is built from ``config`` as a Hugging Face ``config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["FAMILIES", "Family", "architecture_for", "family_for_class", "family_for_config", "family_ignore",
@@ -131,29 +131,113 @@ def architecture_for(config: dict[str, Any]) -> dict[str, str]:
     return {} if fam is None else {"torch": fam.torch, "tf": fam.keras}
 
 
-def family_model_spec(model: Any, layout: str | None) -> dict[str, Any] | None:
-    """The model spec of a keras-hub family backbone in the Hub's (transformers) names, or None.
+def _family_parts(model: Any) -> list[tuple[Any, Family, str]]:
+    """``(module or layer, family, side)`` for ``model`` itself when it is a family class, else for the outermost
+    family classes inside it (a transformers ``ViTModel`` under ``ViTForImageClassification`` or a user's module,
+    a keras-hub backbone inside a task model or a functional model). Walks the model only when its framework is
+    already imported; never imports one."""
+    hit = family_for_class(type(model))
+    if hit is not None:
+        return [(model, *hit)]
+    parts: list[tuple[Any, Family, str]] = []
+    if callable(getattr(model, "named_modules", None)):  # torch: named_modules lists outer modules first
+        inside: list[str] = []
+        for path, sub in model.named_modules():
+            sub_hit = family_for_class(type(sub))
+            if sub_hit is not None and path and not any(path.startswith(p + ".") for p in inside):
+                inside.append(path)
+                parts.append((sub, *sub_hit))
+    elif callable(getattr(model, "_flatten_layers", None)):  # Keras
+        seen: set[int] = set()
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            sub_hit = family_for_class(type(layer))
+            if sub_hit is not None and id(layer) not in seen:
+                seen.update(id(x) for x in layer._flatten_layers(include_self=True, recursive=True))
+                parts.append((layer, *sub_hit))
+    return parts
 
-    None unless ``model`` is a keras-hub backbone of the table and the checkpoint is in the torch layout,
-    so every other model keeps its adapter's generic spec. Imports the Keras side only when it applies.
+
+def _one_family(model: Any) -> Family | None:
+    """The family of ``model``, or of every family class inside it when they are all one family, else None.
+
+    Renames and absent-tensor globs are rules on checkpoint names; with two families in one model (a BERT text
+    tower beside a ViT image tower) one family's rules could rename the other's tensors, so none apply and the
+    report names what does not line up.
+    """
+    fams = {id(f): f for _, f, _ in _family_parts(model)}
+    return next(iter(fams.values())) if len(fams) == 1 else None
+
+
+def family_model_spec(model: Any, layout: str | None) -> dict[str, Any] | None:
+    """The model spec of a Keras model holding keras-hub family backbones, with their variables under the Hub's
+    (transformers) names, or None.
+
+    None unless ``model`` is, or contains, a keras-hub backbone of the table and the checkpoint is in the torch
+    layout, so every other model keeps its adapter's generic spec. A backbone inside a larger model (a keras-hub
+    task such as ``BertTextClassifier``, a functional or subclassed model around it) takes the Hub names as they
+    are when it is the only one, so the Hub's base-model file fills it and the model's own layers (the head) keep
+    their generic names; two or more backbones are told apart by their structural prefixes (``encoder_a.``).
+    Imports the Keras side only when it applies.
+
+    Raises:
+        HubloadError: Two names collide (a head variable's generic name equals a Hub name).
     """
     if layout == "keras":
         return None
-    hit = family_for_class(type(model))
-    if hit is None or hit[1] != "tf":
+    parts = [(layer, fam) for layer, fam, side in _family_parts(model) if side == "tf"]
+    if not parts:
         return None
     from .adapters.hf_families import keras_spec
 
-    return keras_spec(model, hit[0])
+    if parts[0][0] is model:
+        return keras_spec(model, parts[0][1])
+    from .adapters import get_adapter
+
+    spec_of = get_adapter("tf").spec
+    generic = spec_of(model)
+    name_of = {_handle_id(t): name for name, t in generic.items() if t.handle is not None}
+    inner: set[int] = set()
+    out_hub: dict[str, Any] = {}
+    for layer, fam in parts:
+        prefix = ""
+        if len(parts) > 1:
+            own = next(iter(spec_of(layer).items()), None)
+            full = name_of.get(_handle_id(own[1])) if own is not None else None
+            if full is None or not full.endswith(own[0]):
+                from .errors import HubloadError
+
+                raise HubloadError(f"{type(model).__name__}: cannot tell where {type(layer).__name__} "
+                                   f"{getattr(layer, 'name', '')!r} sits in the model; please report it")
+            prefix = full[: len(full) - len(own[0])]
+        inner.update(id(w) for w in layer.weights)
+        for name, t in keras_spec(layer, fam).items():
+            out_hub[prefix + name] = replace(t, name=prefix + name)
+    out = {name: t for name, t in generic.items() if _handle_id(t) not in inner}
+    clash = sorted(set(out) & set(out_hub))
+    if clash:
+        from .errors import HubloadError
+
+        raise HubloadError(f"{type(model).__name__}: the model's own variables {clash[:3]} have the names of the "
+                           f"Hub tensors of its backbone; rename those layers")
+    return {**out_hub, **out}
+
+
+def _handle_id(t: Any) -> int:
+    """``id`` of the variable behind a spec entry (the first one, for a group)."""
+    handle = t.handle
+    ports = getattr(handle, "ports", None)
+    return id(ports[0][0]) if ports else id(handle)
 
 
 def family_renames(model: Any) -> tuple[tuple[str, str], ...]:
-    """The rename rules that turn Hub checkpoint names into the names of ``model``'s family (may be empty)."""
-    hit = family_for_class(type(model))
-    return () if hit is None else hit[0].renames
+    """The rename rules that turn Hub checkpoint names into the names of ``model``'s family (may be empty);
+    for a model holding family classes of one family, that family's rules (see :func:`_one_family`)."""
+    fam = _one_family(model)
+    return () if fam is None else fam.renames
 
 
 def family_ignore(model: Any) -> tuple[str, ...]:
-    """Globs on checkpoint names that ``model`` (a keras-hub family backbone) has no variable for, by design."""
-    hit = family_for_class(type(model))
-    return hit[0].keras_absent if hit is not None and hit[1] == "tf" else ()
+    """Globs on checkpoint names that ``model``'s keras-hub family backbone(s) have no variable for, by design."""
+    parts = _family_parts(model)
+    fam = _one_family(model)
+    return fam.keras_absent if fam is not None and parts[0][2] == "tf" else ()

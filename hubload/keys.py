@@ -143,6 +143,10 @@ NON_PERSISTENT_BUFFERS: tuple[tuple[str, str, str], ...] = (
     ("*.attn.bias", "checkpoint", "causal-mask buffer saved by older checkpoints"),
     ("*.attn.masked_bias", "checkpoint", "causal-mask buffer saved by older checkpoints"),
     ("*rotary_emb.inv_freq", "checkpoint", "non-persistent rotary-embedding buffer"),
+    # Keras' save_weights writes a compiled model's optimizer (top-level ``optimizer/vars/N``: iterations,
+    # learning rate, slots) beside the layers; keras-hub task models compile themselves when built.
+    ("optimizer.*", "checkpoint", ("optimizer state saved with the weights (Keras save_weights of a compiled "
+                                   "model), not a weight")),
 )
 
 
