@@ -79,21 +79,31 @@ class PrefixAlignment:
         return f"{verb} {self.prefix!r} {prep} {self.count} checkpoint keys"
 
 
-def _first_segments(names: Iterable[str], limit: int = 4) -> list[str]:
-    """Most common first dotted segments (with their dot)."""
+def _prefix_votes(longer: Iterable[str], shorter: set[str], limit: int = 4) -> list[str]:
+    """Prefixes (ending in a dot) that turn names of ``longer`` into names of ``shorter``, most votes first.
+
+    Found from the names themselves, not by splitting at the first dot: a Keras layer name may hold dots
+    (``mobilenetv2_1.00_224.Conv1.weight`` sits under the prefix ``mobilenetv2_1.00_224.``), and a base model may
+    sit two levels down (``model.backbone.``).
+    """
     counts: dict[str, int] = {}
-    for n in names:
-        if "." in n:
-            seg = n.split(".", 1)[0] + "."
-            counts[seg] = counts.get(seg, 0) + 1
-    return [s for s, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]]
+    for n in longer:
+        if n in shorter:
+            continue
+        i = n.find(".")
+        while i != -1:
+            if n[i + 1:] in shorter:
+                counts[n[: i + 1]] = counts.get(n[: i + 1], 0) + 1
+            i = n.find(".", i + 1)
+    return [p for p, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]]
 
 
 def align_prefixes(ckpt_names: Iterable[str], model_names: Iterable[str]) -> PrefixAlignment:
     """Add or strip one base-model prefix (``bert.``) on checkpoint names when that lines names up.
 
-    A candidate prefix is a common first segment of the checkpoint names (to strip) or of the model
-    names (to add). It is applied only to names that do not already match the model, and accepted only
+    A candidate prefix is one that turns many checkpoint names into model names when stripped, or model names
+    into checkpoint names (then it is added); it may span several segments or hold dots of a layer's name
+    (``mobilenetv2_1.00_224.``). It is applied only to names that do not already match the model, and accepted only
     if the number of matching names grows by at least max(1, 5% of the smaller side).
 
     Args:
@@ -109,7 +119,8 @@ def align_prefixes(ckpt_names: Iterable[str], model_names: Iterable[str]) -> Pre
     if base == len(ckpt):  # every name already matches: no candidate can gain anything
         return PrefixAlignment({n: n for n in ckpt})
     best: tuple[int, str, str, dict[str, str], int] | None = None
-    candidates = [("strip", p) for p in _first_segments(ckpt)] + [("add", p) for p in _first_segments(model)]
+    candidates = ([("strip", p) for p in _prefix_votes(ckpt, model)]
+                  + [("add", p) for p in _prefix_votes(model, set(ckpt))])
     for action, prefix in candidates:
         mapping: dict[str, str] = {}
         changed = 0

@@ -309,6 +309,20 @@ def test_align_prefixes_strip_and_add():
     assert al.describe() == "added 'bert.' to 10 checkpoint keys"
 
 
+def test_align_prefixes_finds_prefixes_with_dots_and_several_segments():
+    """A Keras base model's layer name may hold dots (keras.applications' ``mobilenetv2_1.00_224``), and a base
+    model may sit two levels down: the prefix comes from the names that line up, not the first dot."""
+    base = [f"Conv{i}.weight" for i in range(12)] + ["bn.running_var"]
+    wrapped = [f"mobilenetv2_1.00_224.{n}" for n in base] + ["head.weight", "head.bias"]
+    al = align_prefixes(base, wrapped)
+    assert (al.action, al.prefix, al.count) == ("add", "mobilenetv2_1.00_224.", 13)
+    al = align_prefixes(wrapped, base)
+    assert (al.action, al.prefix, al.count) == ("strip", "mobilenetv2_1.00_224.", 13)
+    assert al.mapping["head.weight"] == "head.weight"
+    deep = [f"model.backbone.{n}" for n in base]
+    assert align_prefixes(deep, base).prefix == "model.backbone."
+
+
 def test_align_prefixes_leaves_matching_names_alone():
     names = [f"layer.{i}" for i in range(20)]
     al = align_prefixes(names, names + ["extra.x"])
