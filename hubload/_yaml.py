@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RegistryError
 
-__all__ = ["MAX_YAML_NODES", "Node", "plain", "to_nodes", "yaml_nodes"]
+__all__ = ["MAX_YAML_NODES", "Node", "json_nodes", "plain", "to_nodes", "yaml_nodes"]
 
 
 # Values a registry document may expand to (after aliases): far above any real registry.
@@ -98,6 +98,29 @@ def plain(node: Node) -> Any:
     if isinstance(v, list):
         return [plain(x) for x in v]
     return v
+
+
+def json_nodes(text: str) -> Node | None:
+    """A registry written as JSON (a YAML subset), parsed without importing PyYAML; None when the text is not a
+    JSON object or repeats a key, so that the YAML parser handles it (and names the line of what is wrong).
+
+    Its Nodes carry no line numbers: a caller that finds an error in them re-parses with :func:`yaml_nodes`.
+    """
+    if not text.lstrip().startswith("{"):
+        return None
+    import json
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            raise ValueError("duplicate key")
+        return out
+
+    try:
+        value = json.loads(text, object_pairs_hook=pairs)
+    except ValueError:  # not JSON after all (or a duplicate key): YAML's turn
+        return None
+    return to_nodes(value) if isinstance(value, dict) else None
 
 
 def to_nodes(value: Any) -> Node:

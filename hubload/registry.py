@@ -35,7 +35,7 @@ from typing import Any, Union
 from urllib.parse import quote, unquote, urlsplit
 
 from . import config
-from ._yaml import Node, plain, to_nodes, yaml_nodes
+from ._yaml import Node, json_nodes, plain, to_nodes, yaml_nodes
 from .errors import ModelNotFoundError, RegistryError, UsageError
 
 __all__ = [
@@ -483,7 +483,19 @@ def parse_registry(data: str | Mapping[str, Any], *, file: str = "<registry>",
     Raises:
         RegistryError: naming the file, the entry, the field and the YAML line where known.
     """
-    root = yaml_nodes(data, file) if isinstance(data, str) else to_nodes(data)
+    if isinstance(data, str):
+        fast = json_nodes(data)  # a JSON registry needs no YAML parser
+        if fast is not None:
+            try:
+                return _parse_root(fast, file, base_dir)
+            except RegistryError:
+                pass  # parse again as YAML below, for the line number in the message
+        return _parse_root(yaml_nodes(data, file), file, base_dir)
+    return _parse_root(to_nodes(data), file, base_dir)
+
+
+def _parse_root(root: Node, file: str, base_dir: str | None) -> dict[str, ModelEntry]:
+    """Validate a parsed registry document (see :func:`parse_registry`)."""
     ctx = _Ctx(file)
     if not isinstance(root.value, dict):
         raise ctx.fail("the top level must be a mapping with 'version: 1' and 'models:'", line=root.line)
@@ -544,17 +556,28 @@ def builtin_registry_path() -> Path:
     return Path(str(files("hubload") / "registry.yaml"))
 
 
-@dataclass
 class _Layer:
-    name: str
-    entries: dict[str, ModelEntry]
+    """One registry layer: its entries, or the file they are parsed from on first use (the built-in layer, so
+    an ID found in a higher layer costs no YAML import or parse of the built-in file)."""
+
+    def __init__(self, name: str, entries: Mapping[str, ModelEntry] | None = None, path: Path | None = None) -> None:
+        self.name = name
+        self._entries = dict(entries) if entries is not None else None
+        self._path = path
+
+    @property
+    def entries(self) -> dict[str, ModelEntry]:
+        if self._entries is None:
+            assert self._path is not None
+            self._entries = dict(_load_file(self._path))
+        return self._entries
 
 
 class Registry:
     """Model IDs → entries, looked up through ordered layers (first layer wins)."""
 
-    def __init__(self, layers: Iterable[tuple[str, Mapping[str, ModelEntry]]] = ()) -> None:
-        self._layers = [_Layer(name, dict(entries)) for name, entries in layers]
+    def __init__(self, layers: Iterable[tuple[str, Mapping[str, ModelEntry]] | _Layer] = ()) -> None:
+        self._layers = [x if isinstance(x, _Layer) else _Layer(x[0], x[1]) for x in layers]
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Registry:
@@ -623,9 +646,9 @@ def load_registry(registry: RegistryArg = None) -> Registry:
         UsageError: ``registry`` is none of those kinds (or a list holding something that is not a path).
         RegistryError: A registry file or entry is invalid.
     """
-    layers: list[tuple[str, Mapping[str, ModelEntry]]] = []
+    layers: list[tuple[str, Mapping[str, ModelEntry]] | _Layer] = []
     if isinstance(registry, Registry):
-        layers.extend((layer.name, layer.entries) for layer in registry._layers)
+        layers.extend(registry._layers)
     elif isinstance(registry, Mapping):
         layers.append(("<registry argument>", parse_registry(registry, file="<registry argument>",
                                                              base_dir=str(Path.cwd()))))
@@ -648,5 +671,5 @@ def load_registry(registry: RegistryArg = None) -> Registry:
         layers.append((str(user), _load_file(user)))
     builtin = builtin_registry_path()
     if builtin.is_file():
-        layers.append((str(builtin), _load_file(builtin)))
+        layers.append(_Layer(str(builtin), path=builtin))  # parsed when an ID is not found above it
     return Registry(layers)

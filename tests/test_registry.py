@@ -111,6 +111,48 @@ def test_duplicate_ids_and_not_yaml_and_wrong_types():
         parse_registry("")
 
 
+def test_a_json_registry_parses_like_its_yaml_and_errors_keep_their_lines():
+    """JSON is YAML: the same document as JSON gives the same entries (read without PyYAML), a duplicate key is
+    still refused, and an error still names its line."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    as_json = json.dumps(yaml.safe_load(GOOD), indent=1)
+    assert parse_registry(as_json, file="r.yaml") == parse_registry(GOOD, file="r.yaml")
+    code = ("import sys; from hubload.registry import parse_registry; "
+            "parse_registry(sys.stdin.read()); print('yaml' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=as_json, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    dup = '{"version": 1, "models": {"a": {"source": "x"},\n "a": {"source": "y"}}}'
+    with pytest.raises(RegistryError, match="duplicate key 'a'") as ei:
+        parse_registry(dup, file="r.json")
+    assert ei.value.line == 2
+    bad = as_json.replace('"size": 90868376', '"size": -5')
+    assert bad != as_json
+    with pytest.raises(RegistryError) as ei:
+        parse_registry(bad, file="r.json")
+    assert ei.value.line and ei.value.field and "size" in ei.value.field
+
+
+def test_the_builtin_layer_is_parsed_only_when_an_id_is_not_found_above_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    reg = write(tmp_path, json.dumps(yaml.safe_load(GOOD.replace("all-minilm-l6-v2", "mine"))), "r.json")
+    code = ("import sys; from hubload.registry import load_registry; r = load_registry(sys.argv[1]); "
+            "r.get('mine'); print('yaml' in sys.modules); r.get('all-minilm-l6-v2'); print('yaml' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(reg)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HUBLOAD_REGISTRY": "", "HUBLOAD_CONFIG_DIR": str(tmp_path / "cfg")})
+    assert out.stdout.split() == ["False", "True"]  # the built-in entry is still found, after its parse
+    assert {"mine", "all-minilm-l6-v2"} <= set(load_registry(reg).ids())
+
+
 def test_url_sources_need_a_hash_but_hf_may_use_the_hubs():
     hf = "version: 1\nmodels:\n  a:\n    source: hf://o/n\n    files: [{path: model.safetensors}]\n"
     e = parse_registry(hf)["a"]
