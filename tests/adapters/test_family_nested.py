@@ -34,6 +34,18 @@ def _bert(cfg):
     return hf_families.build(keras_hub.models.BertBackbone, cfg)
 
 
+def _task(cfg):
+    return keras_hub.models.BertTextClassifier(backbone=_bert(cfg), num_classes=3, preprocessor=None)
+
+
+def _saved_task(cfg, path, out):
+    """A task model whose backbone holds the Hub file, saved by its own save_weights to ``out``."""
+    task = _task(cfg)
+    hubload.load(path, model=task, exclude=["logits.*"])
+    task.save_weights(str(out))
+    return task
+
+
 def _bert_inputs():
     ids = np.random.default_rng(1).integers(1, 50, size=(2, 6)).astype("int32")
     return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": np.ones_like(ids, dtype=bool)}
@@ -49,7 +61,7 @@ def test_keras_hub_task_model_takes_the_hub_backbone_file(tmp_path) -> None:
     path, cfg, _ = _hub_file("bert", tmp_path)
     alone = _bert(cfg)
     hubload.load(path, model=alone)
-    clf = keras_hub.models.BertTextClassifier(backbone=_bert(cfg), num_classes=3, preprocessor=None)
+    clf = _task(cfg)
     head = [np.asarray(w.numpy()).copy() for w in clf.get_layer("logits").weights]
     with pytest.raises(IncompatibleWeightsError, match="logits"):  # strict: the head is not in the file
         hubload.load(path, model=clf)
@@ -95,11 +107,8 @@ def test_two_backbones_are_told_apart_by_their_prefixes(tmp_path) -> None:
 
 def test_convert_of_a_task_model_writes_hub_names_for_its_backbone(tmp_path) -> None:
     path, cfg, src = _hub_file("bert", tmp_path, seed=3)
-    clf = keras_hub.models.BertTextClassifier(backbone=_bert(cfg), num_classes=3, preprocessor=None)
-    hubload.load(path, model=clf, exclude=["logits.*"])
-    clf.save_weights(str(tmp_path / "clf.weights.h5"))
-    twin = keras_hub.models.BertTextClassifier(backbone=_bert(cfg), num_classes=3, preprocessor=None)
-    hubload.convert(tmp_path / "clf.weights.h5", layout="torch", out=tmp_path / "clf.safetensors", model=twin)
+    _saved_task(cfg, path, tmp_path / "clf.weights.h5")
+    hubload.convert(tmp_path / "clf.weights.h5", layout="torch", out=tmp_path / "clf.safetensors", model=_task(cfg))
     fresh = hf_families.build(resolve_architecture(family_for_config(cfg).torch), cfg)
     _, report = hubload.load(tmp_path / "clf.safetensors", model=fresh, strict=False, return_report=True)
     assert not report.missing and sorted(report.unexpected) == ["logits.bias", "logits.weight"]
@@ -110,10 +119,8 @@ def test_convert_of_a_task_model_writes_hub_names_for_its_backbone(tmp_path) -> 
 def test_a_compiled_task_models_own_file_round_trips_with_its_optimizer_state_ignored(tmp_path) -> None:
     """keras-hub tasks compile themselves, so save_weights writes optimizer/vars/N beside the layers."""
     path, cfg, _ = _hub_file("bert", tmp_path, seed=5)
-    a = keras_hub.models.BertTextClassifier(backbone=_bert(cfg), num_classes=3, preprocessor=None)
-    hubload.load(path, model=a, exclude=["logits.*"])
-    a.save_weights(str(tmp_path / "a.weights.h5"))
-    b = keras_hub.models.BertTextClassifier(backbone=_bert(cfg), num_classes=3, preprocessor=None)
+    a = _saved_task(cfg, path, tmp_path / "a.weights.h5")
+    b = _task(cfg)
     _, report = hubload.load(tmp_path / "a.weights.h5", model=b, return_report=True)
     assert report.ok and len(report.matched) == len(b.weights)
     assert {i.key for i in report.ignored} == {"optimizer.0", "optimizer.1"}
