@@ -157,14 +157,14 @@ def _family_parts(model: Any) -> list[tuple[Any, Family, str]]:
     return parts
 
 
-def _one_family(model: Any) -> Family | None:
-    """The family of ``model``, or of every family class inside it when they are all one family, else None.
+def _one_family(parts: list[tuple[Any, Family, str]]) -> Family | None:
+    """The family of every part (:func:`_family_parts`) when they are all one family, else None.
 
     Renames and absent-tensor globs are rules on checkpoint names; with two families in one model (a BERT text
     tower beside a ViT image tower) one family's rules could rename the other's tensors, so none apply and the
     report names what does not line up.
     """
-    fams = {id(f): f for _, f, _ in _family_parts(model)}
+    fams = {id(f): f for _, f, _ in parts}
     return next(iter(fams.values())) if len(fams) == 1 else None
 
 
@@ -232,12 +232,12 @@ def _handle_id(t: Any) -> int:
 def family_renames(model: Any) -> tuple[tuple[str, str], ...]:
     """The rename rules that turn Hub checkpoint names into the names of ``model``'s family (may be empty);
     for a model holding family classes of one family, that family's rules (see :func:`_one_family`)."""
-    fam = _one_family(model)
+    fam = _one_family(_family_parts(model))
     return () if fam is None else fam.renames
 
 
 def family_ignore(model: Any) -> tuple[str, ...]:
     """Globs on checkpoint names that ``model``'s keras-hub family backbone(s) have no variable for, by design."""
     parts = _family_parts(model)
-    fam = _one_family(model)
+    fam = _one_family(parts)
     return fam.keras_absent if fam is not None and parts[0][2] == "tf" else ()
