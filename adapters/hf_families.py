@@ -215,9 +215,25 @@ def _candidates(ports: list[tuple[Any, Hook]], owner: Any) -> list[tuple[int, ..
     return list(dict.fromkeys(out))
 
 
+def _probe(cand: tuple[int, ...]) -> np.ndarray:
+    """``arange`` in ``cand``'s shape: every element holds its own flat index (int32 when that fits: half the
+    memory traffic of int64 for the same answer)."""
+    n = math.prod(cand)
+    return np.arange(n, dtype=np.int32 if n < 2**31 else np.int64).reshape(cand)
+
+
+def _as_index(got: np.ndarray) -> np.ndarray | None:
+    """A hook's output as integer indices: a hook that casts (to float) still carries them exactly, else None."""
+    if got.dtype.kind in "iu":
+        return got
+    if got.dtype.kind != "f" or not np.array_equal(got, np.round(got)):
+        return None
+    return got.astype(np.int64)
+
+
 def _maps_onto(cand: tuple[int, ...], ports: list[tuple[Any, Hook]]) -> list[np.ndarray] | None:
     """Index arrays (one per variable) if the hooks map a ``cand``-shaped tensor one-to-one onto the ports."""
-    probe = np.arange(math.prod(cand), dtype=np.int64).reshape(cand)
+    probe = _probe(cand)
     outs = []
     for var, hook in ports:
         try:
@@ -226,13 +242,11 @@ def _maps_onto(cand: tuple[int, ...], ports: list[tuple[Any, Hook]]) -> list[np.
             return None
         if got.shape != _shape(var):
             return None
+        got = _as_index(got)
+        if got is None:
+            return None
         outs.append(got)
     seen = np.concatenate([o.ravel() for o in outs])
-    if seen.dtype.kind not in "iu":  # a hook that casts (to float) still carries the exact indices
-        if seen.dtype.kind != "f" or not np.array_equal(seen, np.round(seen)):
-            return None
-        seen = seen.astype(np.int64)
-        outs = [o.astype(np.int64) for o in outs]
     if seen.size and (seen.min() < 0 or seen.max() >= probe.size):
         return None
     hit = np.zeros(probe.size, dtype=bool)
@@ -242,27 +256,58 @@ def _maps_onto(cand: tuple[int, ...], ports: list[tuple[Any, Hook]]) -> list[np.
     return outs
 
 
-def _natural(cand: tuple[int, ...], index: np.ndarray) -> bool:
-    """True when the hook splits/merges axes only (no scrambling): torch [out, in] → Keras [in..., out...]."""
+def _perm_of(probe: np.ndarray, index: np.ndarray) -> tuple[int, ...] | None:
+    """The first axis permutation ``perm`` with ``probe.transpose(perm)``, read in C order, equal to ``index``
+    (a hook that only permutes, splits and merges axes), or None.
+
+    Each permutation is first tried on a few dozen positions (computed, not materialised), so only the right
+    one is compared in full.
+    """
+    cand = probe.shape
+    n = index.size
+    if probe.size != n:
+        return None
+    strides = [math.prod(cand[k + 1:]) for k in range(len(cand))]
+    sample = np.unique(np.linspace(0, n - 1, num=min(n, 61)).astype(np.int64)) if n else np.zeros(0, np.int64)
+    got = index.flat[sample] if n else sample
     for perm in itertools.permutations(range(len(cand))):
         moved = tuple(cand[i] for i in perm)
-        if np.array_equal(np.arange(index.size).reshape(cand).transpose(perm).reshape(index.shape), index):
-            a, b = _cumprods(moved), _cumprods(index.shape)
-            return a <= b or b <= a
-    return False
-
-
-def _transform(cand: tuple[int, ...], index: np.ndarray) -> Transform | None:
-    """The Transform (canonical → Keras) equal to a single port's index mapping, or None."""
-    probe = np.arange(index.size).reshape(cand)
-    for perm in itertools.permutations(range(len(cand))):
-        moved = probe.transpose(perm)
-        if moved.shape == index.shape and np.array_equal(moved, index):
-            return None if perm == tuple(range(len(cand))) else Transform(perm=perm)
-        if moved.size == index.size and np.array_equal(moved.reshape(index.shape), index):
-            return Transform(perm=perm if perm != tuple(range(len(cand))) else None, reshape=index.shape,
-                             in_shape=cand)
+        coords = np.unravel_index(sample, moved) if n else ()
+        want = sum((c * strides[p] for c, p in zip(coords, perm)), np.zeros(len(sample), np.int64))
+        if not np.array_equal(want, got):
+            continue
+        if np.array_equal(probe.transpose(perm), np.reshape(index, moved)):
+            return perm
     return None
+
+
+def _single_port(cand: tuple[int, ...], var: Any, hook: Hook) -> tuple[np.ndarray, Transform | None] | None:
+    """(index array, Transform canonical → Keras) when keras-hub's hook is a natural re-layout of a
+    ``cand``-shaped tensor onto ``var`` (axes permuted, then split or merged, never scrambled), else None.
+
+    A permutation of the probe is one-to-one by construction, so no separate coverage pass is needed.
+    """
+    probe = _probe(cand)
+    try:
+        got = _run(hook, probe, var)
+    except (ValueError, IndexError, TypeError):
+        return None
+    if got.shape != _shape(var):
+        return None
+    index = _as_index(got)
+    if index is None:
+        return None
+    perm = _perm_of(probe, index)
+    if perm is None:
+        return None
+    moved = tuple(cand[i] for i in perm)
+    a, b = _cumprods(moved), _cumprods(index.shape)
+    if not (a <= b or b <= a):  # the regrouping splits and merges axes at once: not a plain split/merge
+        return None
+    identity = perm == tuple(range(len(cand)))
+    if moved == index.shape:
+        return index, None if identity else Transform(perm=perm)
+    return index, Transform(perm=None if identity else perm, reshape=index.shape, in_shape=cand)
 
 
 class PortGroup:
@@ -342,17 +387,21 @@ def _inferred(ports: list[tuple[Any, Hook]], owner: Any, backbone: Any, name: st
     hit = _INFERRED.get(key) if shareable else None
     if hit is not None:
         return hit
-    good = []
-    for cand in _candidates(ports, owner):
-        index = _maps_onto(cand, ports)
-        if index is not None and (len(ports) > 1 or _natural(cand, index[0])):
-            good.append((cand, index))
-            break  # candidates come in order of preference
-    if not good:
+    result = None
+    for cand in _candidates(ports, owner):  # in order of preference: the first that fits is taken
+        if len(ports) == 1:
+            single = _single_port(cand, *ports[0])
+            if single is not None:
+                result = (cand, [single[0]], single[1])
+                break
+        else:
+            index = _maps_onto(cand, ports)
+            if index is not None:
+                result = (cand, index, None)
+                break
+    if result is None:
         raise HubloadError(f"{type(backbone).__name__}: cannot infer the Hub shape of {name!r} from keras-hub's "
                            f"{family.converter}; please report it")
-    cand, index = good[0]
-    result = (cand, index, _transform(cand, index[0]) if len(ports) == 1 else None)
     if shareable and len(_INFERRED) < 4096:
         _INFERRED[key] = result
     return result

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -59,19 +61,47 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def _owned_tensor(arr: np.ndarray, dtype: np.dtype) -> Any:
-    """One private, aligned C-order copy of ``arr`` (re-layout and cast in one pass), adopted by TF as is.
-
-    ``var.assign(numpy_array)`` copies twice (TF copies every numpy input, then into the variable); a tensor
-    made over our own fresh buffer through DLPack is adopted as is. dtypes DLPack cannot carry (bfloat16 from
-    ml_dtypes) fall back to the numpy array.
-    """
-    own = _aligned_empty(arr.shape, dtype)
-    np.copyto(own, arr, casting="unsafe")  # the report has already refused value-destroying casts
+def _adopted(own: np.ndarray) -> Any:
+    """A TF tensor over ``own`` (a fresh, private, aligned buffer), through DLPack: no copy, and
+    ``assign`` then takes the buffer over instead of copying it (the tensor is its buffer's only owner).
+    dtypes DLPack cannot carry (bfloat16 from ml_dtypes) fall back to the numpy array (TF copies it)."""
     try:
         return tf.experimental.dlpack.from_dlpack(own.__dlpack__())
     except (BufferError, TypeError, ValueError, AttributeError, tf.errors.InvalidArgumentError):
         return own
+
+
+def _relayout_into(out: np.ndarray, arr: np.ndarray, transforms: Sequence[Any]) -> None:
+    """Write ``transforms`` (each a :class:`~hubload.layout.Transform` or None) of ``arr`` into ``out``, cast
+    to its dtype, in one pass: permutations are views, and the trailing reshapes happen on ``out``'s side
+    (a fresh C-order buffer reshapes as a view), so nothing in between is materialised.
+
+    Raises:
+        ValueError: A transform does not fit the array's shape.
+    """
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    shape = tuple(arr.shape)
+    for t in transforms:
+        if t is None:
+            continue
+        shape = t.out_shape(shape)  # validates in_shape and ranks
+        steps += [(kind, arg) for kind, arg in (("reshape", t.pre_reshape), ("perm", t.perm), ("reshape", t.reshape))
+                  if arg is not None]
+    if shape != tuple(out.shape):
+        raise ValueError(f"converted shape {list(shape)} does not fit {list(out.shape)}")
+    while steps and steps[-1][0] == "reshape":
+        steps.pop()
+    x = arr
+    for kind, arg in steps:
+        x = x.reshape(arg) if kind == "reshape" else x.transpose(arg)
+    np.copyto(out.reshape(x.shape), x, casting="unsafe")  # the report has already refused value-destroying casts
+
+
+def _own_copy(arr: np.ndarray, var: Any) -> np.ndarray:
+    """A fresh aligned copy of ``arr`` in ``var``'s dtype, for :func:`_adopted`."""
+    own = _aligned_empty(tuple(arr.shape), numpy_dtype(canonical_dtype(var.dtype)))
+    np.copyto(own, arr, casting="unsafe")
+    return own
 
 
 class _TensorSource:
@@ -85,30 +115,45 @@ class _TensorSource:
         self.reader = reader
         header = getattr(reader, "header", None)
         self._stream = header is not None and hasattr(header, "offsets") and hasattr(header, "data_start")
+        self.streams = self._stream  # read by offset from its own file handle: safe on several threads
         self._file: Any = None
         self._buf: np.ndarray | None = None
 
-    def get(self, name: str) -> np.ndarray:
+    def can_read_into(self, name: str, out: np.ndarray) -> bool:
+        """True when :meth:`get` can read ``name``'s bytes straight into ``out`` (same dtype and size)."""
+        if not self._stream:
+            return False
+        info = self.reader.header.tensors[name]
+        begin, end = self.reader.header.offsets[name]
+        return np.dtype(numpy_dtype(info.dtype)) == out.dtype and end - begin == out.nbytes
+
+    def get(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """The tensor, in the reusable buffer (valid until the next call), or read into ``into`` (C-order, of
+        the tensor's dtype and size, see :meth:`can_read_into`) and returned in the file's shape."""
         if not self._stream:
             return to_numpy(self.reader.get(name))
         info = self.reader.header.tensors[name]
         begin, end = self.reader.header.offsets[name]
         dtype = numpy_dtype(info.dtype)
         n = end - begin
-        if self._buf is None or self._buf.nbytes < n:
-            self._buf = None
-            self._buf = _aligned_empty((max(n, 1),), np.uint8)
+        if into is not None:
+            target = into.reshape(-1).view(np.uint8)
+        else:
+            if self._buf is None or self._buf.nbytes < n:
+                self._buf = None
+                self._buf = _aligned_empty((max(n, 1),), np.uint8)
+            target = self._buf
         if self._file is None:
             self._file = open(self.reader.path, "rb")  # noqa: SIM115 - closed in close()
         self._file.seek(self.reader.header.data_start + begin)
-        view = memoryview(self._buf)[:n]
+        view = memoryview(target)[:n]
         got = 0
         while got < n:
             k = self._file.readinto(view[got:])
             if not k:
                 raise CheckpointError(f"{self.reader.path}: file ends inside tensor {name!r} (truncated?)")
             got += k
-        return self._buf[:n].view(dtype).reshape(info.shape)
+        return target[:n].view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         if self._file is not None:
@@ -144,17 +189,22 @@ class _Spool:
     file just before each assignment, so peak memory stays about a tensor, not the checkpoint.
     """
 
-    def __init__(self, in_memory: int = ROLLBACK_IN_MEMORY) -> None:
-        self._budget = in_memory
+    def __init__(self, in_memory: int | None = None) -> None:
+        self.budget = ROLLBACK_IN_MEMORY if in_memory is None else in_memory
         self._file: Any = None
+        self._ids: set[int] = set()
         self._saved: list[tuple[Any, Any, int, tuple[int, ...], np.dtype]] = []
 
     def save(self, var: Any) -> None:
+        """Keep ``var``'s current value (once: a second call for the same variable does nothing)."""
+        if id(var) in self._ids:
+            return
+        self._ids.add(id(var))
         nbytes = _nbytes(var)
-        inner = _plain_tf_variable(var) if nbytes <= self._budget else None
+        inner = _plain_tf_variable(var) if nbytes <= self.budget else None
         if inner is not None:
-            self._budget -= nbytes
-            self._saved.append((var, inner.read_value(), 0, (), np.dtype("uint8")))
+            self.budget -= nbytes
+            self._saved.append((var, inner.value(), 0, (), np.dtype("uint8")))  # one read op, no copy
             return
         if self._file is None:
             import tempfile
@@ -164,9 +214,12 @@ class _Spool:
         self._saved.append((var, None, self._file.tell(), old.shape, old.dtype))
         self._file.write(memoryview(np.ascontiguousarray(old)).cast("B"))
 
-    def restore(self, model: Any) -> None:
+    def restore(self, model: Any, only: set[int] | None = None) -> None:
+        """Put the saved values back (of the variables whose id is in ``only``, if given)."""
         with strategy_scope(model):
             for var, held, offset, shape, dtype in reversed(self._saved):
+                if only is not None and id(var) not in only:
+                    continue
                 if held is not None:
                     var.assign(held)
                     continue
@@ -176,6 +229,7 @@ class _Spool:
 
     def close(self) -> None:
         self._saved.clear()
+        self._ids.clear()
         if self._file is not None:
             self._file.close()
 
@@ -276,52 +330,177 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     if problems:
         raise nothing_loaded_error(reader, model, problems, report, "assigned")
 
-    source = _TensorSource(reader)
     spool = _Spool() if rollback else None
-    pending: dict[int, dict[str, np.ndarray]] = {}
-    assigned = 0
     assigned_ids: set[int] = set()
     try:
         with strategy_scope(model):
-            for m, target in plan:
-                arr = apply_transform(source.get(m.source), m.transform)
-                if target.group is None:
-                    todo = [(target.handle, apply_transform(arr, target.transform))]
-                else:
-                    binding = target.group
-                    got = pending.setdefault(id(binding), {})
-                    got[m.key] = np.array(arr)  # group members are small (RNN/attention), keep a copy
-                    if len(got) < len(binding.members):
-                        continue
-                    if hasattr(binding, "assignments"):
-                        todo = [(var, a) for var, a, _ in binding.assignments(pending.pop(id(binding)))]
-                    else:
-                        todo = [(binding.variables[leaf], a) for leaf, a in binding.to_keras(pending.pop(id(binding))).items()]
-                for var, value in todo:
-                    if tuple(value.shape) != tuple(int(d) for d in var.shape):
-                        raise ValueError(f"{target.name}: converted shape {list(value.shape)} does not fit "
-                                         f"variable {var.path} {list(var.shape)}")
-                    if spool is not None:
-                        spool.save(var)
-                    var.assign(_owned_tensor(value, numpy_dtype(canonical_dtype(var.dtype))))
-                    assigned_ids.add(id(var))
-                    assigned += 1
+            if spool is not None and _in_memory(plan, reader, spool):
+                _convert_then_assign(plan, reader, spool, assigned_ids)
+            else:
+                _stream(plan, reader, spool, assigned_ids)
             _after_load(model, assigned_ids)
     except (OSError, ValueError, MemoryError, CheckpointError, tf.errors.OpError) as exc:
         if spool is not None:
-            spool.restore(model)
+            spool.restore(model, assigned_ids)
             state = "the variables already assigned were restored, nothing changed"
         else:
-            state = f"{assigned} variable(s) were already assigned (rollback=False)"
+            state = f"{len(assigned_ids)} variable(s) were already assigned (rollback=False)"
         raise IncompatibleWeightsError(f"{getattr(reader, 'path', 'checkpoint')}: loading into "
                                        f"{type(model).__name__} failed part-way ({exc}); {state}",
                                        report=report) from exc
     finally:
-        source.close()
         if spool is not None:
             spool.close()
+    assigned = len(assigned_ids)
     logger.info("assigned %d variables of %s", assigned, type(model).__name__)
 
+
+
+Todo = list[tuple[Any, np.ndarray]]
+
+
+def _convert(m: Any, target: ModelTensor, source: _TensorSource, pending: dict[int, dict[str, np.ndarray]]
+             ) -> Todo | None:
+    """Read and convert one matched tensor: (variable, fresh Keras-layout array) pairs to assign, or None while
+    an N-to-M group still waits for members."""
+    if target.group is None:
+        var = target.handle
+        own = _aligned_empty(tuple(int(d) for d in var.shape), numpy_dtype(canonical_dtype(var.dtype)))
+        if m.transform is None and target.transform is None and source.can_read_into(m.source, own):
+            source.get(m.source, into=own)  # the bytes go straight into the variable's new buffer
+        else:
+            _relayout_into(own, source.get(m.source), (m.transform, target.transform))
+        return [(var, own)]
+    arr = apply_transform(source.get(m.source), m.transform)
+    binding = target.group
+    got = pending.setdefault(id(binding), {})
+    got[m.key] = np.array(arr)  # group members are small (RNN/attention), keep a copy
+    if len(got) < len(binding.members):
+        return None
+    if hasattr(binding, "assignments"):
+        todo = [(var, a) for var, a, _ in binding.assignments(pending.pop(id(binding)))]
+    else:
+        todo = [(binding.variables[leaf], a) for leaf, a in binding.to_keras(pending.pop(id(binding))).items()]
+    for var, a in todo:
+        if tuple(a.shape) != tuple(int(d) for d in var.shape):
+            raise ValueError(f"{target.name}: converted shape {list(a.shape)} does not fit variable {var.path} "
+                             f"{list(var.shape)}")
+    return [(var, _own_copy(a, var)) for var, a in todo]
+
+
+def _assign(var: Any, value: np.ndarray) -> None:
+    """``var.assign(value)``, taking ``value``'s buffer over. A plain ``tf.Variable`` outside a Keras stateless
+    scope is assigned with the one op Keras' ``assign`` ends in (shape and dtype are already checked: a
+    fifth of its Python cost); anything else goes through Keras."""
+    tensor = _adopted(value)
+    inner = _plain_tf_variable(var)
+    if inner is not None and isinstance(tensor, tf.Tensor) and tensor.dtype == inner.dtype \
+            and not _in_stateless_scope():
+        tf.raw_ops.AssignVariableOp(resource=inner.handle, value=tensor)
+    else:
+        var.assign(tensor)
+
+
+def _in_stateless_scope() -> bool:
+    try:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+    except ImportError:  # a Keras without it: take the Keras path, always right
+        return True
+    return bool(in_stateless_scope())
+
+
+def _stream(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool | None,
+            assigned: set[int]) -> None:
+    """Read, convert and assign one tensor (or group) at a time: peak memory about two tensors."""
+    source = _TensorSource(reader)
+    pending: dict[int, dict[str, np.ndarray]] = {}
+    try:
+        for m, target in plan:
+            for var, value in _convert(m, target, source, pending) or ():
+                if spool is not None:
+                    spool.save(var)
+                _assign(var, value)
+                assigned.add(id(var))
+    finally:
+        source.close()
+
+
+def _in_memory(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool) -> bool:
+    """True when every variable to assign is a plain ``tf.Variable`` and all of them fit the spool's in-memory
+    budget, from a file that can be read from several threads: the old buffers are kept anyway, so the new
+    ones can all be prepared before the first assign."""
+    if not _TensorSource(reader).streams:
+        return False
+    total = 0
+    for _, target in plan:
+        if target.group is not None:
+            continue
+        if _plain_tf_variable(target.handle) is None:
+            return False
+        total += _nbytes(target.handle)
+    return total <= spool.budget
+
+
+def _workers() -> int:
+    try:
+        return max(1, min(2, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(2, os.cpu_count() or 1))
+
+
+def _convert_then_assign(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool,
+                         assigned: set[int]) -> None:
+    """Convert every tensor first, then assign them all: reading and re-laying out run on worker threads (numpy
+    and file reads release the GIL) while this thread takes the rollback references; a failure while reading
+    leaves the model untouched. Groups (RNN, fused attention) convert here, in plan order."""
+    results: list[Todo | None] = [None] * len(plan)
+    singles = [i for i, (_, t) in enumerate(plan) if t.group is None]
+    shares: list[list[int]] = [[] for _ in range(_workers())]
+    loads = [0] * len(shares)
+    for i in sorted(singles, key=lambda i: -_nbytes(plan[i][1].handle)):  # balance the bytes
+        k = loads.index(min(loads))
+        shares[k].append(i)
+        loads[k] += _nbytes(plan[i][1].handle)
+    errors: list[BaseException] = []
+
+    def work(share: list[int]) -> None:
+        source = _TensorSource(reader)
+        try:
+            for i in sorted(share):
+                if errors:
+                    return
+                m, target = plan[i]
+                results[i] = _convert(m, target, source, {})
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(exc)
+        finally:
+            source.close()
+
+    threads = [threading.Thread(target=work, args=(share,), name="hubload-convert", daemon=True)
+               for share in shares if share]
+    for t in threads:
+        t.start()
+    try:
+        for i in singles:
+            spool.save(plan[i][1].handle)
+        source = _TensorSource(reader)
+        pending: dict[int, dict[str, np.ndarray]] = {}
+        try:
+            for i, (m, target) in enumerate(plan):
+                if target.group is not None:
+                    results[i] = _convert(m, target, source, pending)
+        finally:
+            source.close()
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    for todo in results:
+        for var, value in todo or ():
+            spool.save(var)
+            _assign(var, value)
+            assigned.add(id(var))
 
 
 def _rollback_is_free(model: Any) -> bool:

@@ -1,4 +1,6 @@
-"""Streaming Keras loads: tensor by tensor, and all or nothing when a read fails part-way."""
+"""Keras loads, all or nothing: small models are converted first and then assigned (the variables take the new
+buffers over); over the in-memory rollback budget, tensor by tensor with old values spooled to a file. Both
+paths restore every variable when a read or an assign fails part-way."""
 
 from __future__ import annotations
 
@@ -28,7 +30,32 @@ def _arrays(seed):
             for i in range(3) for leaf, shape in (("weight", (8, 8)), ("bias", (8,)))}
 
 
-def test_streamed_load_matches_the_file(tmp_path):
+PATHS = pytest.mark.parametrize("budget,route", [(None, "_convert_then_assign"), (0, "_stream")],
+                                ids=["in-memory", "streamed"])
+
+
+def _on_path(monkeypatch, budget, route):
+    """Force the path by the rollback budget; record which one ran."""
+    from hubload.adapters import keras_apply
+
+    if budget is not None:
+        monkeypatch.setattr(keras_apply, "ROLLBACK_IN_MEMORY", budget)
+    ran = []
+    for name in ("_convert_then_assign", "_stream"):
+        real = getattr(keras_apply, name)
+        monkeypatch.setattr(keras_apply, name, lambda *a, _n=name, _r=real: ran.append(_n) or _r(*a))
+    return ran
+
+
+def _load(model, path):
+    with open_checkpoint(path) as r:
+        spec = tf_adapter.spec(model)
+        tf_adapter.apply(model, check(to_canonical(r.tensors(), r.layout), spec), r, model_spec=spec)
+
+
+@PATHS
+def test_load_matches_the_file(tmp_path, monkeypatch, budget, route):
+    ran = _on_path(monkeypatch, budget, route)
     arrays = _arrays(0)
     path = tmp_path / "w.safetensors"
     write_safetensors(path, arrays)
@@ -40,9 +67,12 @@ def test_streamed_load_matches_the_file(tmp_path):
         layer = model.get_layer(f"d{i}")
         np.testing.assert_array_equal(layer.kernel.numpy(), arrays[f"d{i}.weight"].T)
         np.testing.assert_array_equal(layer.bias.numpy(), arrays[f"d{i}.bias"])
+    assert ran == [route]
 
 
-def test_failure_part_way_restores_every_variable(tmp_path):
+@PATHS
+def test_failure_part_way_restores_every_variable(tmp_path, monkeypatch, budget, route):
+    ran = _on_path(monkeypatch, budget, route)
     path = tmp_path / "w.safetensors"
     write_safetensors(path, _arrays(1))
     model = _model()
@@ -56,3 +86,71 @@ def test_failure_part_way_restores_every_variable(tmp_path):
             tf_adapter.apply(model, report, r, model_spec=spec)
     for v, old in zip(model.weights, before):
         np.testing.assert_array_equal(v.numpy(), old)
+    assert ran == [route]
+
+
+@PATHS
+def test_an_assign_failing_part_way_restores_every_variable(tmp_path, monkeypatch, budget, route):
+    """Every read succeeded, then the fourth assign fails (out of memory in TF): the three already assigned
+    are put back bit for bit."""
+    import tensorflow as tf
+
+    from hubload.adapters import keras_apply
+
+    ran = _on_path(monkeypatch, budget, route)
+    file = tmp_path / "w.safetensors"
+    write_safetensors(file, _arrays(2))
+    model = _model()
+    before = [v.numpy().copy() for v in model.weights]
+    calls = []
+    real = keras_apply._assign
+
+    def failing(var, value):
+        calls.append(var.path)
+        if len(calls) == 4:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
+        real(var, value)
+
+    monkeypatch.setattr(keras_apply, "_assign", failing)
+    with pytest.raises(IncompatibleWeightsError, match="OOM when allocating.*restored, nothing changed"):
+        _load(model, file)
+    assert len(calls) == 4 and ran == [route]
+    for v, old in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), old)
+
+
+@PATHS
+def test_loaded_variables_own_their_values(tmp_path, monkeypatch, budget, route):
+    """The variables take the converted buffers over: each stays independent (an update of one changes no
+    other), a second load replaces the first, and training steps run on them."""
+    _on_path(monkeypatch, budget, route)
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_safetensors(first, _arrays(3))
+    write_safetensors(second, b := _arrays(4))
+    model = _model()
+    _load(model, first)
+    held = [v.numpy().copy() for v in model.weights]
+    model.get_layer("d0").kernel.assign_add(np.ones((8, 8), np.float32))
+    np.testing.assert_array_equal(model.get_layer("d0").kernel.numpy(), held[0] + 1)
+    for v, old in zip(model.weights[1:], held[1:]):
+        np.testing.assert_array_equal(v.numpy(), old)
+    _load(model, second)
+    for i in range(3):
+        np.testing.assert_array_equal(model.get_layer(f"d{i}").kernel.numpy(), b[f"d{i}.weight"].T)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32), epochs=1, verbose=0)
+    assert not np.array_equal(model.get_layer("d2").bias.numpy(), b["d2.bias"])  # the step moved it
+
+
+def test_a_bfloat16_model_gets_the_file_cast(tmp_path):
+    """bfloat16 has no DLPack form here: the value goes through Keras' assign, cast from the float32 file."""
+    import ml_dtypes
+
+    file = tmp_path / "w.safetensors"
+    write_safetensors(file, arrays := _arrays(5))
+    model = keras.Sequential([keras.Input((8,))] + [keras.layers.Dense(8, name=f"d{i}", dtype="bfloat16")
+                                                     for i in range(3)])
+    _load(model, file)
+    got = model.get_layer("d1").kernel.numpy()
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got, arrays["d1.weight"].T.astype(ml_dtypes.bfloat16))
