@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -166,9 +167,15 @@ class _TensorSource:
 ROLLBACK_IN_MEMORY = 128 * 2**20
 
 
+def _layout(var: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """A variable's shape and numpy dtype."""
+    return tuple(int(d) for d in var.shape), np.dtype(numpy_dtype(canonical_dtype(var.dtype)))
+
+
 def _nbytes(var: Any) -> int:
     """Bytes a variable's value takes."""
-    return int(np.prod(var.shape, dtype=np.int64)) * np.dtype(numpy_dtype(canonical_dtype(var.dtype))).itemsize
+    shape, dtype = _layout(var)
+    return math.prod(shape) * dtype.itemsize
 
 
 def _plain_tf_variable(var: Any) -> Any:
@@ -195,12 +202,12 @@ class _Spool:
         self._ids: set[int] = set()
         self._saved: list[tuple[Any, Any, int, tuple[int, ...], np.dtype]] = []
 
-    def save(self, var: Any) -> None:
+    def save(self, var: Any, nbytes: int | None = None) -> None:
         """Keep ``var``'s current value (once: a second call for the same variable does nothing)."""
         if id(var) in self._ids:
             return
         self._ids.add(id(var))
-        nbytes = _nbytes(var)
+        nbytes = _nbytes(var) if nbytes is None else nbytes
         inner = _plain_tf_variable(var) if nbytes <= self.budget else None
         if inner is not None:
             self.budget -= nbytes
@@ -334,8 +341,9 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     assigned_ids: set[int] = set()
     try:
         with strategy_scope(model):
-            if spool is not None and _in_memory(plan, reader, spool):
-                _convert_then_assign(plan, reader, spool, assigned_ids)
+            layouts = _in_memory(plan, reader, spool) if spool is not None else None
+            if spool is not None and layouts is not None:
+                _convert_then_assign(plan, reader, spool, assigned_ids, layouts)
             else:
                 _stream(plan, reader, spool, assigned_ids)
             _after_load(model, assigned_ids)
@@ -359,13 +367,13 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
 Todo = list[tuple[Any, np.ndarray]]
 
 
-def _convert(m: Any, target: ModelTensor, source: _TensorSource, pending: dict[int, dict[str, np.ndarray]]
-             ) -> Todo | None:
+def _convert(m: Any, target: ModelTensor, source: _TensorSource, pending: dict[int, dict[str, np.ndarray]],
+             layout: tuple[tuple[int, ...], np.dtype] | None = None) -> Todo | None:
     """Read and convert one matched tensor: (variable, fresh Keras-layout array) pairs to assign, or None while
-    an N-to-M group still waits for members."""
+    an N-to-M group still waits for members. ``layout``: the variable's :func:`_layout`, if known."""
     if target.group is None:
         var = target.handle
-        own = _aligned_empty(tuple(int(d) for d in var.shape), numpy_dtype(canonical_dtype(var.dtype)))
+        own = _aligned_empty(*(layout or _layout(var)))
         if m.transform is None and target.transform is None and source.can_read_into(m.source, own):
             source.get(m.source, into=own)  # the bytes go straight into the variable's new buffer
         else:
@@ -425,23 +433,28 @@ def _stream(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool 
         source.close()
 
 
-def _in_memory(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool) -> bool:
-    """True when every variable to assign is a plain ``tf.Variable`` and all of them fit the spool's in-memory
-    budget, from a file that can be read from several threads: the old buffers are kept anyway, so the new
-    ones can all be prepared before the first assign."""
+def _in_memory(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool
+               ) -> dict[int, tuple[tuple[int, ...], np.dtype]] | None:
+    """The :func:`_layout` of each single variable (by plan index) when every variable to assign is a plain
+    ``tf.Variable``, all of them fit the spool's in-memory budget, and the file can be read from several
+    threads: the old buffers are kept anyway, so the new ones can all be prepared before the first assign.
+    Else None."""
     if not _TensorSource(reader).streams:
-        return False
+        return None
+    layouts: dict[int, tuple[tuple[int, ...], np.dtype]] = {}
     total = 0
-    for _, target in plan:
+    for i, (_, target) in enumerate(plan):
         if target.group is not None:
             continue
         if _plain_tf_variable(target.handle) is None:
-            return False
-        total += _nbytes(target.handle)
-    return total <= spool.budget
+            return None
+        layouts[i] = shape, dtype = _layout(target.handle)
+        total += math.prod(shape) * dtype.itemsize
+    return layouts if total <= spool.budget else None
 
 
 def _workers() -> int:
+    """Threads converting on the in-memory path, this one included: the cores this process may use, up to 2."""
     try:
         return max(1, min(2, len(os.sched_getaffinity(0))))
     except (AttributeError, OSError):
@@ -449,40 +462,45 @@ def _workers() -> int:
 
 
 def _convert_then_assign(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool,
-                         assigned: set[int]) -> None:
-    """Convert every tensor first, then assign them all: reading and re-laying out run on worker threads (numpy
-    and file reads release the GIL) while this thread takes the rollback references; a failure while reading
-    leaves the model untouched. Groups (RNN, fused attention) convert here, in plan order."""
+                         assigned: set[int], layouts: dict[int, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Convert every tensor first, then assign them all; a failure while converting leaves the model untouched.
+
+    Reading and re-laying out (file reads and numpy copies release the GIL) run on a worker thread while this
+    thread takes the rollback references and converts the groups (RNN, fused attention); then this thread
+    takes tensors from the same queue, largest first, so both cores convert. Each thread reads by its own file
+    handle into its own buffer.
+
+    The file is read, not memory-mapped: mapped pages faulted in by the threads contend with the fresh
+    buffers' faults for the process's memory-map lock, which measured 1.5x slower here (MiniLM, 2 cores).
+    """
     results: list[Todo | None] = [None] * len(plan)
-    singles = [i for i, (_, t) in enumerate(plan) if t.group is None]
-    shares: list[list[int]] = [[] for _ in range(_workers())]
-    loads = [0] * len(shares)
-    for i in sorted(singles, key=lambda i: -_nbytes(plan[i][1].handle)):  # balance the bytes
-        k = loads.index(min(loads))
-        shares[k].append(i)
-        loads[k] += _nbytes(plan[i][1].handle)
+    nbytes = {i: math.prod(shape) * dtype.itemsize for i, (shape, dtype) in layouts.items()}
+    queue = sorted(nbytes, key=lambda i: -nbytes[i])
+    lock = threading.Lock()
     errors: list[BaseException] = []
 
-    def work(share: list[int]) -> None:
+    def drain() -> None:
         source = _TensorSource(reader)
         try:
-            for i in sorted(share):
-                if errors:
-                    return
+            while not errors:
+                with lock:
+                    if not queue:
+                        return
+                    i = queue.pop(0)
                 m, target = plan[i]
-                results[i] = _convert(m, target, source, {})
+                results[i] = _convert(m, target, source, {}, layouts[i])
         except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
             errors.append(exc)
         finally:
             source.close()
 
-    threads = [threading.Thread(target=work, args=(share,), name="hubload-convert", daemon=True)
-               for share in shares if share]
+    threads = [threading.Thread(target=drain, name="hubload-convert", daemon=True)
+               for _ in range(_workers() - 1)]
     for t in threads:
         t.start()
     try:
-        for i in singles:
-            spool.save(plan[i][1].handle)
+        for i in nbytes:
+            spool.save(plan[i][1].handle, nbytes[i])
         source = _TensorSource(reader)
         pending: dict[int, dict[str, np.ndarray]] = {}
         try:
@@ -491,6 +509,7 @@ def _convert_then_assign(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, s
                     results[i] = _convert(m, target, source, pending)
         finally:
             source.close()
+        drain()
     finally:
         for t in threads:
             t.join()

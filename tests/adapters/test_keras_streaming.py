@@ -71,7 +71,9 @@ def test_load_matches_the_file(tmp_path, monkeypatch, budget, route):
 
 
 @PATHS
-def test_failure_part_way_restores_every_variable(tmp_path, monkeypatch, budget, route):
+def test_a_file_cut_short_after_the_check_restores_every_variable(tmp_path, monkeypatch, budget, route):
+    """The read that runs out raises (the file is read, never memory-mapped: a mapped page past the end would
+    fault, not raise)."""
     ran = _on_path(monkeypatch, budget, route)
     path = tmp_path / "w.safetensors"
     write_safetensors(path, _arrays(1))
@@ -87,6 +89,34 @@ def test_failure_part_way_restores_every_variable(tmp_path, monkeypatch, budget,
     for v, old in zip(model.weights, before):
         np.testing.assert_array_equal(v.numpy(), old)
     assert ran == [route]
+
+
+@PATHS
+def test_a_conversion_failing_part_way_changes_nothing(tmp_path, monkeypatch, budget, route):
+    """The third tensor fails to convert (on a worker thread on the in-memory path): the error names it and
+    no variable changed."""
+    from hubload.adapters import keras_apply
+
+    ran = _on_path(monkeypatch, budget, route)
+    file = tmp_path / "w.safetensors"
+    write_safetensors(file, _arrays(6))
+    model = _model()
+    before = [v.numpy().copy() for v in model.weights]
+    calls = []
+    real = keras_apply._relayout_into
+
+    def failing(out, arr, transforms):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("cannot allocate the third tensor")
+        real(out, arr, transforms)
+
+    monkeypatch.setattr(keras_apply, "_relayout_into", failing)
+    with pytest.raises(IncompatibleWeightsError, match="third tensor.*nothing changed"):
+        _load(model, file)
+    assert ran == [route]
+    for v, old in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), old)
 
 
 @PATHS
