@@ -219,7 +219,7 @@ class _Spool:
             self._file = tempfile.TemporaryFile(prefix="hubload-rollback-")  # noqa: SIM115 - closed in close()
         old = np.asarray(var.numpy())
         self._saved.append((var, None, self._file.tell(), old.shape, old.dtype))
-        self._file.write(memoryview(np.ascontiguousarray(old)).cast("B"))
+        self._file.write(memoryview(np.ascontiguousarray(old).reshape(-1).view(np.uint8)))  # bytes: any dtype (bfloat16)
 
     def restore(self, model: Any, only: set[int] | None = None) -> None:
         """Put the saved values back (of the variables whose id is in ``only``, if given)."""
@@ -396,11 +396,18 @@ def _convert(m: Any, target: ModelTensor, source: _TensorSource, pending: dict[i
     return [(var, _own_copy(a, var)) for var, a in todo]
 
 
-def _assign(var: Any, value: np.ndarray) -> None:
-    """``var.assign(value)``, taking ``value``'s buffer over. A plain ``tf.Variable`` outside a Keras stateless
-    scope is assigned with the one op Keras' ``assign`` ends in (shape and dtype are already checked: a
-    fifth of its Python cost); anything else goes through Keras."""
-    tensor = _adopted(value)
+def _assign(var: Any, value: np.ndarray, *, adopt: bool = True) -> None:
+    """``var.assign(value)``. A plain ``tf.Variable`` outside a Keras stateless scope is assigned with the one op
+    Keras' ``assign`` ends in (shape and dtype are already checked: a fifth of its Python cost); anything else
+    goes through Keras.
+
+    ``adopt``: the variable takes ``value``'s buffer over (no copy). False: TF copies ``value`` into memory of
+    its own allocator first, as the streaming path needs. TF keeps a variable's freed buffer in its allocator
+    for reuse rather than returning it to the system, so a variable that adopted an outside buffer left its
+    old one held: peak RSS grew by the whole checkpoint (bench row 11: 1.13x). A copy made by TF reuses the
+    buffer the previous variable gave back, and the growth stays about a tensor.
+    """
+    tensor = _adopted(value) if adopt else tf.constant(value)
     inner = _plain_tf_variable(var)
     if inner is not None and isinstance(tensor, tf.Tensor) and tensor.dtype == inner.dtype \
             and not _in_stateless_scope():
@@ -427,7 +434,7 @@ def _stream(plan: Sequence[tuple[Any, ModelTensor]], reader: Any, spool: _Spool 
             for var, value in _convert(m, target, source, pending) or ():
                 if spool is not None:
                     spool.save(var)
-                _assign(var, value)
+                _assign(var, value, adopt=False)
                 assigned.add(id(var))
     finally:
         source.close()

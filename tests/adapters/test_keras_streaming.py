@@ -135,11 +135,11 @@ def test_an_assign_failing_part_way_restores_every_variable(tmp_path, monkeypatc
     calls = []
     real = keras_apply._assign
 
-    def failing(var, value):
+    def failing(var, value, **kw):
         calls.append(var.path)
         if len(calls) == 4:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
-        real(var, value)
+        real(var, value, **kw)
 
     monkeypatch.setattr(keras_apply, "_assign", failing)
     with pytest.raises(IncompatibleWeightsError, match="OOM when allocating.*restored, nothing changed"):
@@ -172,10 +172,12 @@ def test_loaded_variables_own_their_values(tmp_path, monkeypatch, budget, route)
     assert not np.array_equal(model.get_layer("d2").bias.numpy(), b["d2.bias"])  # the step moved it
 
 
-def test_a_bfloat16_model_gets_the_file_cast(tmp_path):
-    """bfloat16 has no DLPack form here: the value goes through Keras' assign, cast from the float32 file."""
+@PATHS
+def test_a_bfloat16_model_gets_the_file_cast(tmp_path, monkeypatch, budget, route):
+    """bfloat16 has no DLPack form here: the value is cast from the float32 file and assigned all the same."""
     import ml_dtypes
 
+    ran = _on_path(monkeypatch, budget, route)
     file = tmp_path / "w.safetensors"
     write_safetensors(file, arrays := _arrays(5))
     model = keras.Sequential([keras.Input((8,))] + [keras.layers.Dense(8, name=f"d{i}", dtype="bfloat16")
@@ -184,3 +186,4 @@ def test_a_bfloat16_model_gets_the_file_cast(tmp_path):
     got = model.get_layer("d1").kernel.numpy()
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got, arrays["d1.weight"].T.astype(ml_dtypes.bfloat16))
+    assert ran == [route]
