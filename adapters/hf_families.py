@@ -231,18 +231,22 @@ def _as_index(got: np.ndarray) -> np.ndarray | None:
     return got.astype(np.int64)
 
 
+def _hook_index(probe: np.ndarray, var: Any, hook: Hook) -> np.ndarray | None:
+    """Where keras-hub's hook puts each element of ``probe`` in ``var`` (integer indices), or None when the
+    hook refuses the probe's shape or the result does not fit the variable."""
+    try:
+        got = _run(hook, probe, var)
+    except (ValueError, IndexError, TypeError):
+        return None
+    return _as_index(got) if got.shape == _shape(var) else None
+
+
 def _maps_onto(cand: tuple[int, ...], ports: list[tuple[Any, Hook]]) -> list[np.ndarray] | None:
     """Index arrays (one per variable) if the hooks map a ``cand``-shaped tensor one-to-one onto the ports."""
     probe = _probe(cand)
     outs = []
     for var, hook in ports:
-        try:
-            got = _run(hook, probe, var)
-        except (ValueError, IndexError, TypeError):
-            return None
-        if got.shape != _shape(var):
-            return None
-        got = _as_index(got)
+        got = _hook_index(probe, var, hook)
         if got is None:
             return None
         outs.append(got)
@@ -288,13 +292,7 @@ def _single_port(cand: tuple[int, ...], var: Any, hook: Hook) -> tuple[np.ndarra
     A permutation of the probe is one-to-one by construction, so no separate coverage pass is needed.
     """
     probe = _probe(cand)
-    try:
-        got = _run(hook, probe, var)
-    except (ValueError, IndexError, TypeError):
-        return None
-    if got.shape != _shape(var):
-        return None
-    index = _as_index(got)
+    index = _hook_index(probe, var, hook)
     if index is None:
         return None
     perm = _perm_of(probe, index)

@@ -91,32 +91,42 @@ def test_a_file_cut_short_after_the_check_restores_every_variable(tmp_path, monk
     assert ran == [route]
 
 
+def _fail_on_call(monkeypatch, name, n, exc):
+    """keras_apply.<name> raises ``exc`` on its n-th call; returns the list of calls made."""
+    from hubload.adapters import keras_apply
+
+    calls = []
+    real = getattr(keras_apply, name)
+
+    def failing(*a, **kw):
+        calls.append(a)
+        if len(calls) == n:
+            raise exc
+        real(*a, **kw)
+
+    monkeypatch.setattr(keras_apply, name, failing)
+    return calls
+
+
+def _load_fails_and_changes_nothing(tmp_path, seed, match):
+    file = tmp_path / "w.safetensors"
+    write_safetensors(file, _arrays(seed))
+    model = _model()
+    before = [v.numpy().copy() for v in model.weights]
+    with pytest.raises(IncompatibleWeightsError, match=match):
+        _load(model, file)
+    for v, old in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), old)
+
+
 @PATHS
 def test_a_conversion_failing_part_way_changes_nothing(tmp_path, monkeypatch, budget, route):
     """The third tensor fails to convert (on a worker thread on the in-memory path): the error names it and
     no variable changed."""
-    from hubload.adapters import keras_apply
-
     ran = _on_path(monkeypatch, budget, route)
-    file = tmp_path / "w.safetensors"
-    write_safetensors(file, _arrays(6))
-    model = _model()
-    before = [v.numpy().copy() for v in model.weights]
-    calls = []
-    real = keras_apply._relayout_into
-
-    def failing(out, arr, transforms):
-        calls.append(1)
-        if len(calls) == 3:
-            raise MemoryError("cannot allocate the third tensor")
-        real(out, arr, transforms)
-
-    monkeypatch.setattr(keras_apply, "_relayout_into", failing)
-    with pytest.raises(IncompatibleWeightsError, match="third tensor.*nothing changed"):
-        _load(model, file)
-    assert ran == [route]
-    for v, old in zip(model.weights, before):
-        np.testing.assert_array_equal(v.numpy(), old)
+    calls = _fail_on_call(monkeypatch, "_relayout_into", 3, MemoryError("cannot allocate the third tensor"))
+    _load_fails_and_changes_nothing(tmp_path, 6, "third tensor.*nothing changed")
+    assert len(calls) == 3 and ran == [route]
 
 
 @PATHS
@@ -125,28 +135,10 @@ def test_an_assign_failing_part_way_restores_every_variable(tmp_path, monkeypatc
     are put back bit for bit."""
     import tensorflow as tf
 
-    from hubload.adapters import keras_apply
-
     ran = _on_path(monkeypatch, budget, route)
-    file = tmp_path / "w.safetensors"
-    write_safetensors(file, _arrays(2))
-    model = _model()
-    before = [v.numpy().copy() for v in model.weights]
-    calls = []
-    real = keras_apply._assign
-
-    def failing(var, value, **kw):
-        calls.append(var.path)
-        if len(calls) == 4:
-            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
-        real(var, value, **kw)
-
-    monkeypatch.setattr(keras_apply, "_assign", failing)
-    with pytest.raises(IncompatibleWeightsError, match="OOM when allocating.*restored, nothing changed"):
-        _load(model, file)
+    calls = _fail_on_call(monkeypatch, "_assign", 4, tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"))
+    _load_fails_and_changes_nothing(tmp_path, 2, "OOM when allocating.*restored, nothing changed")
     assert len(calls) == 4 and ran == [route]
-    for v, old in zip(model.weights, before):
-        np.testing.assert_array_equal(v.numpy(), old)
 
 
 @PATHS
