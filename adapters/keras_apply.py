@@ -1,10 +1,12 @@
-"""Assigning checked tensors into a built Keras model, streaming, all or nothing; and the snapshot/rollback that
-numeric verification uses.
+"""Assigning checked tensors into a built Keras model, all or nothing; and the snapshot/rollback that numeric
+verification uses.
 
-:func:`apply` checks every matched tensor from metadata, then reads, converts and assigns one tensor (or
-group) at a time. Each variable's old value is kept for the rollback: up to :data:`ROLLBACK_IN_MEMORY` as
-references to the variables' own buffers (no copy), beyond that spooled to a temporary file just before it is
-overwritten, so peak memory stays about a tensor. Re-exported by :mod:`hubload.adapters.tf`.
+:func:`apply` checks every matched tensor from metadata first. Then, for a model whose variables fit
+:data:`ROLLBACK_IN_MEMORY`, it converts every tensor into a fresh buffer (two threads) while it keeps the old
+values as references to the variables' own buffers, and only then assigns, each variable taking its new
+buffer over. Larger models stream: read, convert and assign one tensor (or group) at a time, each old value
+spooled to a temporary file just before it is overwritten, so peak memory stays about a tensor. Re-exported
+by :mod:`hubload.adapters.tf`.
 """
 
 from __future__ import annotations
@@ -256,16 +258,22 @@ def _keras_shape(target: ModelTensor) -> tuple[int, ...]:
 
 def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
           model_spec: Mapping[str, ModelTensor] | None = None, rollback: bool = True) -> None:
-    """Assign the report's matched tensors from ``reader`` to the model's variables, all or nothing, streaming.
+    """Assign the report's matched tensors from ``reader`` to the model's variables, all or nothing.
 
     First every matched tensor is checked from metadata alone (checkpoint shape through the checkpoint ->
     canonical and canonical -> Keras transforms against the variable's shape; every member of an N-to-M group
-    present), so a problem is reported before any variable changes. Then tensors are read, converted, cast and
-    assigned one at a time (a group when its last member is read), inside the model's distribution strategy
-    scope if any: peak memory is about two tensors, not the checkpoint. Safetensors files are read into one
-    reusable buffer, not memory-mapped. If reading or assigning still fails part-way (a file changed on disk,
-    out of memory), the variables already assigned are restored from their old values, which were spooled to
-    a temporary file just before each assignment, and the error says nothing was changed.
+    present), so a problem is reported before any variable changes. Then, inside the model's distribution
+    strategy scope if any:
+
+    - plain variables within :data:`ROLLBACK_IN_MEMORY`, from a safetensors file: every tensor is converted
+      first (:func:`_convert_then_assign`), then assigned; old values are held as buffer references;
+    - otherwise tensors are read, converted, cast and assigned one at a time (a group when its last member is
+      read; :func:`_stream`): peak memory is about two tensors, not the checkpoint, and old values beyond the
+      in-memory budget are spooled to a temporary file just before each assignment.
+
+    Safetensors files are read with ``readinto``, not memory-mapped. If reading or assigning still fails
+    part-way (a file changed on disk, out of memory), the variables already assigned are restored and the
+    error says nothing was changed.
 
     Args:
         model: A built Keras model.
