@@ -101,9 +101,9 @@ def _relayout_into(out: np.ndarray, arr: np.ndarray, transforms: Sequence[Any]) 
 
 
 def _own_copy(arr: np.ndarray, var: Any) -> np.ndarray:
-    """A fresh aligned copy of ``arr`` in ``var``'s dtype, for :func:`_adopted`."""
-    own = _aligned_empty(tuple(arr.shape), numpy_dtype(canonical_dtype(var.dtype)))
-    np.copyto(own, arr, casting="unsafe")
+    """A fresh aligned copy of ``arr`` in ``var``'s shape and dtype, for :func:`_adopted`."""
+    own = _aligned_empty(*_layout(var))
+    _relayout_into(own, arr, ())
     return own
 
 
@@ -117,14 +117,14 @@ class _TensorSource:
     def __init__(self, reader: Any) -> None:
         self.reader = reader
         header = getattr(reader, "header", None)
-        self._stream = header is not None and hasattr(header, "offsets") and hasattr(header, "data_start")
-        self.streams = self._stream  # read by offset from its own file handle: safe on several threads
+        # read by offset from its own file handle (safe on several threads), else from the reader's arrays
+        self.streams = header is not None and hasattr(header, "offsets") and hasattr(header, "data_start")
         self._file: Any = None
         self._buf: np.ndarray | None = None
 
     def can_read_into(self, name: str, out: np.ndarray) -> bool:
         """True when :meth:`get` can read ``name``'s bytes straight into ``out`` (same dtype and size)."""
-        if not self._stream:
+        if not self.streams:
             return False
         info = self.reader.header.tensors[name]
         begin, end = self.reader.header.offsets[name]
@@ -133,7 +133,7 @@ class _TensorSource:
     def get(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """The tensor, in the reusable buffer (valid until the next call), or read into ``into`` (C-order, of
         the tensor's dtype and size, see :meth:`can_read_into`) and returned in the file's shape."""
-        if not self._stream:
+        if not self.streams:
             return to_numpy(self.reader.get(name))
         info = self.reader.header.tensors[name]
         begin, end = self.reader.header.offsets[name]
@@ -350,7 +350,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     try:
         with strategy_scope(model):
             layouts = _in_memory(plan, reader, spool) if spool is not None else None
-            if spool is not None and layouts is not None:
+            if layouts is not None:
                 _convert_then_assign(plan, reader, spool, assigned_ids, layouts)
             else:
                 _stream(plan, reader, spool, assigned_ids)
@@ -367,9 +367,7 @@ def apply(model: Any, report: Any, reader: Any, *, dtype_policy: str = "model",
     finally:
         if spool is not None:
             spool.close()
-    assigned = len(assigned_ids)
-    logger.info("assigned %d variables of %s", assigned, type(model).__name__)
-
+    logger.info("assigned %d variables of %s", len(assigned_ids), type(model).__name__)
 
 
 Todo = list[tuple[Any, np.ndarray]]
