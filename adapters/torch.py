@@ -408,7 +408,12 @@ def collective_load(model: torch.nn.Module) -> bool:
     So it is for a model with DTensor parameters or buffers (FSDP2 ``fully_shard``, tensor parallel): each rank
     reads its own shard, and the ranks agree before any of them changes its model, so every rank calls the load.
     ``hubload.load`` then runs the whole read-check-apply step under :func:`hubload.distributed.all_or_nothing`.
+    Without an initialised process group no rank can take part in a collective, so the answer is False without
+    walking the model (a DTensor needs a device mesh, which needs the group).
     """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
     return _sharded(model.state_dict(keep_vars=True).values())
 
 

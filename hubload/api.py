@@ -180,12 +180,13 @@ def _prepare(source: Any, *, model: Any, framework: str | None, registry: Regist
     return art, adapter, model, replace
 
 
-def _all_ranks(adapter: Any, model: Any, label: str) -> Any:
-    """For a model whose load is collective (sharded across torch.distributed ranks): the read-check-apply step
-    succeeds on every rank or raises on every rank (:func:`hubload.distributed.all_or_nothing`); else a no-op."""
+def _all_ranks(collective: bool, label: str) -> Any:
+    """For a load that is collective (a model sharded across torch.distributed ranks, ``Plan.collective``): the
+    read-check-apply step succeeds on every rank or raises on every rank
+    (:func:`hubload.distributed.all_or_nothing`); else a no-op."""
     from .distributed import all_or_nothing
 
-    return all_or_nothing(label=label, enabled=None if adapter.collective_load(model) else False)
+    return all_or_nothing(label=label, enabled=None if collective else False)
 
 
 def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | None = None, strict: bool = True,
@@ -292,7 +293,7 @@ def load(source: str | os.PathLike[str], *, model: Any = None, framework: str | 
     if _is_full_model(art):
         raise UsageError(f"{art.label} is a whole saved model, not a weights file; load it without model=/"
                          "framework= to get the saved model itself")
-    with _all_ranks(adapter, model, art.label), open_artifact(art) as reader:
+    with _all_ranks(plan.collective, art.label), open_artifact(art) as reader:
         report = _report(canonical_tensors(reader, art, layout, rename), model_spec, art, model, exclude=exclude,
                          replace=replace, strict=strict)
         if optimizer is not None:

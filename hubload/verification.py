@@ -121,8 +121,10 @@ class Plan:
         adapter, model, spec: The target.
         ref_adapter, reference, ref_spec: The reference (a live model), or None.
         probe: The registry entry's probe, or None.
-        inputs: Probe inputs in the canonical convention, or None.
+        inputs: Probe inputs in the canonical convention, or None; read them with :func:`plan_inputs`.
         verify: Run numeric verification after the copy.
+        collective: The load is collective across torch.distributed ranks (``adapter.collective_load``).
+        infer: ``inputs`` are still to be inferred from the model (``adapter.infer_inputs``) when first needed.
         label: How messages name the source.
         descs, ref_descs: Descriptors, filled by :func:`review`.
         pairs: Target layer prefix -> reference layer prefix (from the report's matched tensors).
@@ -138,6 +140,8 @@ class Plan:
     inputs: list[Any] | None = None
     verify: bool = False
     label: str = ""
+    collective: bool = False
+    infer: bool = False
     descs: dict[str, LayerDesc] = field(default_factory=dict)
     ref_descs: dict[str, LayerDesc] = field(default_factory=dict)
     pairs: dict[str, str] = field(default_factory=dict)
@@ -164,8 +168,9 @@ def make_plan(*, adapter: Any, model: Any, spec: Mapping[str, Any], reference: A
             raise UsageError(f"reference= must be a live torch or Keras model (the one that produced {label}); "
                              f"got {type(reference).__name__}")
         ref_spec = ref_adapter.spec(reference)
-    plan = Plan(adapter, model, spec, ref_adapter, reference, ref_spec, probe, None, False, label)
-    if adapter.collective_load(model):
+    plan = Plan(adapter, model, spec, ref_adapter, reference, ref_spec, probe, None, False, label,
+                collective=adapter.collective_load(model))
+    if plan.collective:
         # A sharded model's forward pass is a collective that every rank must run together; hubload checks the
         # global names, shapes and dtypes and copies each rank's exact slice, but does not run the model.
         if verify is True or reference is not None:
@@ -180,9 +185,9 @@ def make_plan(*, adapter: Any, model: Any, spec: Mapping[str, Any], reference: A
     elif reference is not None:
         plan.inputs = _shared_inputs(adapter, model, ref_adapter, reference)
     else:
-        native = adapter.infer_inputs(model)
-        if native is not None:
-            plan.inputs = adapter.to_canonical_inputs(model, native)
+        # Without a reference the inputs only serve review's flatten check, and inferring them may run the model
+        # (a conv net is tried on a few sizes): leave it until that check asks (plan_inputs).
+        plan.infer = True
     can_verify = (reference is not None and plan.inputs is not None) or probe is not None
     if verify is True and not can_verify:
         why = "no input shape is known (pass example_inputs=)" if reference is not None else \
@@ -190,6 +195,16 @@ def make_plan(*, adapter: Any, model: Any, spec: Mapping[str, Any], reference: A
         raise UsageError(f"{label}: verify=True but {why}; pass verify='auto' to load without verification")
     plan.verify = verify is not False and can_verify
     return plan
+
+
+def plan_inputs(plan: Plan) -> list[Any] | None:
+    """The plan's canonical probe inputs, inferred from the target on the first call when make_plan deferred it."""
+    if plan.infer:
+        plan.infer = False
+        native = plan.adapter.infer_inputs(plan.model)
+        if native is not None:
+            plan.inputs = plan.adapter.to_canonical_inputs(plan.model, native)
+    return plan.inputs
 
 
 def _runs(adapter: Any, model: Any, inputs: list[Any]) -> bool:
@@ -256,7 +271,7 @@ def review(plan: Plan, report: Any, checkpoint_layout: str | None, flatten_order
         # Without a reference the recorded call only serves the flatten check, which needs a feature map.
         plan.descs = plan.adapter.describe(plan.model, plan.spec, None)
         if any(d.kind.startswith("conv") for d in plan.descs.values()):
-            plan.descs = _describe(plan.adapter, plan.model, plan.spec, plan.inputs)
+            plan.descs = _describe(plan.adapter, plan.model, plan.spec, plan_inputs(plan))
     else:
         plan.descs = _describe(plan.adapter, plan.model, plan.spec, plan.inputs)
     pairs = _pairs(report)
