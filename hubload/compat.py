@@ -9,14 +9,13 @@ exactly one bucket of a :class:`CompatReport`: matched, missing, unexpected, sha
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 from hubload.checkpoint import canonical_dtype
 from hubload.errors import IncompatibleWeightsError
-from hubload.keys import align_prefixes, ignorable_reason, strip_wrapper_prefixes
+from hubload.keys import align_prefixes, glob_match, ignorable_reason, strip_wrapper_prefixes
 from hubload.layout import Transform
 
 __all__ = ["CompatReport", "DtypeCast", "Ignored", "Match", "ShapeMismatch", "check"]
@@ -83,7 +82,7 @@ class Ignored:
 
 def _shape(values: Iterable[Any]) -> tuple[int, ...]:
     """Shape tuple of ints."""
-    return tuple(int(d) for d in values)
+    return tuple(map(int, values))
 
 
 @dataclass
@@ -313,10 +312,24 @@ def _dtype_kind(dtype: str) -> str:
     return "f"
 
 
-def _first_glob(name: str, globs: Iterable[str]) -> str | None:
+_unsafe_memo: dict[tuple[str, str], bool] = {}  # (from, to) -> unsafe; dtype names are few
+
+
+def _unsafe_cast(d_from: str, d_to: str) -> bool:
+    """True if casting ``d_from`` to ``d_to`` destroys values (float -> int ...)."""
+    key = (d_from, d_to)
+    unsafe = _unsafe_memo.get(key)
+    if unsafe is None:
+        unsafe = _unsafe_memo[key] = (_dtype_kind(d_from), _dtype_kind(d_to)) in _UNSAFE_KINDS
+    return unsafe
+
+
+def _first_glob(name: str, globs: tuple[str, ...]) -> str | None:
     """The first glob matching ``name``."""
+    if not globs:
+        return None
     for g in globs:
-        if fnmatch.fnmatchcase(name, g):
+        if glob_match(name, g):
             return g
     return None
 
@@ -371,14 +384,14 @@ def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: I
     for name, model_key in md_norm.items():
         spec = model[model_key]
         ck_key = ck_keys.get(name)
-        g = _first_glob(name, exclude)
+        g = _first_glob(name, exclude) if exclude else None
         if g is not None:
             report.ignored.append(Ignored(model_key, f"excluded by {g!r}", "model"))
             if ck_key is not None:
                 consumed.add(name)
                 report.ignored.append(Ignored(ck_key, f"excluded by {g!r}", "checkpoint"))
             continue
-        g = _first_glob(name, replace)
+        g = _first_glob(name, replace) if replace else None
         if g is not None:
             report.replaced.append(model_key)
             if ck_key is not None:
@@ -406,7 +419,7 @@ def check(checkpoint: Mapping[str, Any], model: Mapping[str, Any], *, exclude: I
             report.shape_mismatches.append(ShapeMismatch(model_key, ck_key, ck_shape, md_shape))
             continue
         d_from, d_to = canonical_dtype(tensor.dtype), canonical_dtype(spec.dtype)
-        if (_dtype_kind(d_from), _dtype_kind(d_to)) in _UNSAFE_KINDS:
+        if _unsafe_cast(d_from, d_to):
             report.unsafe_casts.append(DtypeCast(model_key, d_from, d_to))
             continue
         report.matched.append(Match(model_key, ck_key, getattr(tensor, "source", ck_key), md_shape, d_from, d_to,

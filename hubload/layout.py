@@ -493,7 +493,7 @@ def to_canonical(tensors: Mapping[str, Any], layout: str, *, rename: Iterable[An
     compiled = compile_rename_rules(rename)
     out: dict[str, CanonicalTensor] = {}
     for native, info in tensors.items():
-        shape = tuple(int(d) for d in info.shape)
+        shape = tuple(map(int, info.shape))
         if layout == "keras" and getattr(info, "canonical", ""):
             # A structural reader (.weights.h5) already named it by its layer's spec (hubload.keras_layers).
             name, transform, rule = info.canonical, info.transform, info.rule
@@ -507,7 +507,8 @@ def to_canonical(tensors: Mapping[str, Any], layout: str, *, rename: Iterable[An
                 shape = transform.out_shape(shape)
         else:
             name, transform, rule = native, None, None
-        name = apply_rename(name, compiled)
+        if compiled:
+            name = apply_rename(name, compiled)
         if name in out:
             raise CheckpointError(f"tensors {out[name].source!r} and {native!r} both map to canonical name "
                                   f"{name!r}; add a rename rule to tell them apart")

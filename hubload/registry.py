@@ -649,12 +649,12 @@ def load_registry(registry: RegistryArg = None) -> Registry:
     layers: list[tuple[str, Mapping[str, ModelEntry]] | _Layer] = []
     if isinstance(registry, Registry):
         layers.extend(registry._layers)
+    elif isinstance(registry, (str, os.PathLike)):  # before the Mapping ABC check, which is slow the first time
+        p = Path(registry).expanduser()
+        layers.append((str(p), _load_file(p)))
     elif isinstance(registry, Mapping):
         layers.append(("<registry argument>", parse_registry(registry, file="<registry argument>",
                                                              base_dir=str(Path.cwd()))))
-    elif isinstance(registry, (str, os.PathLike)):
-        p = Path(registry).expanduser()
-        layers.append((str(p), _load_file(p)))
     elif registry is not None:
         items = list(registry) if isinstance(registry, Iterable) else None
         bad = [i for i in items if not isinstance(i, (str, os.PathLike))] if items is not None else [registry]

@@ -394,3 +394,18 @@ def test_structural_segments():
     assert functional_segments([("dense", "dense_7"), ("dense_1", "head")]) == ["dense", "head"]
     assert functional_segments([("dense", "dense_1"), ("dense_1", "dense")]) == ["dense", "dense_1"]
     assert functional_segments([("dense", "x"), ("conv2d", "x")]) == ["dense", "conv2d"]  # a clash: counters
+
+
+def test_glob_match_agrees_with_fnmatch():
+    """The regex-free fast path for ``*suffix``/``prefix*`` globs decides exactly as fnmatchcase does."""
+    import fnmatch
+    import itertools
+
+    from hubload.keys import glob_match
+
+    names = ["a.position_ids", "position_ids", "x.attn.bias", "x.attn.biasy", "optimizer.vars.0", "optimizer", "",
+             "head.weight", "h[1].w", "h1.w", "a*b", "abc?", "abcd", "cls.predictions.bias", "Head.weight"]
+    globs = ["*position_ids", "optimizer.*", "*.attn.bias", "head.*", "*", "", "cls.*", "h[1]*", "a*b", "*b?",
+             "a?c*", "**", "*x*", "abc?", "*?", "[ab]*", "*]"]
+    differ = [(n, g) for n, g in itertools.product(names, globs) if glob_match(n, g) != fnmatch.fnmatchcase(n, g)]
+    assert differ == []
