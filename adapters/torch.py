@@ -282,19 +282,26 @@ class _FileStorages:
 
     def readonly(self, reader: SafetensorsReader) -> torch.UntypedStorage:
         """Storage over ``reader``'s read-only map of its file (valid while this object lives)."""
-        if reader.path not in self._readonly:
+        whole = self._readonly.get(reader.path)
+        if whole is None:
             with warnings.catch_warnings():
                 # from_numpy warns on read-only memory; these tensors are only copied from, never written.
                 warnings.simplefilter("ignore", UserWarning)
-                self._readonly[reader.path] = torch.from_numpy(reader.buffer()).untyped_storage()
-        return self._readonly[reader.path]
+                whole = self._readonly[reader.path] = torch.from_numpy(reader.buffer()).untyped_storage()
+        return whole
+
+
+_torch_dtypes: dict[str, torch.dtype] = {}  # canonical name -> torch dtype, filled as names are seen
 
 
 def _torch_dtype(dtype_name: str) -> torch.dtype:
     """torch dtype for a canonical dtype name."""
-    dt = getattr(torch, dtype_name, None)
-    if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"dtype {dtype_name!r} has no PyTorch equivalent")
+    dt = _torch_dtypes.get(dtype_name)
+    if dt is None:
+        dt = getattr(torch, dtype_name, None)
+        if not isinstance(dt, torch.dtype):
+            raise CheckpointError(f"dtype {dtype_name!r} has no PyTorch equivalent")
+        _torch_dtypes[dtype_name] = dt
     return dt
 
 
@@ -303,16 +310,18 @@ def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages, ow
 
     ``owned``: from the copy-on-write map a model may keep; else from the reader's read-only map.
     """
-    if isinstance(reader, ShardedReader):
-        return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages, owned)
-    if not isinstance(reader, SafetensorsReader):
-        return None
-    info = reader.header.tensors.get(tensor_name)
+    if type(reader) is not SafetensorsReader:
+        if isinstance(reader, ShardedReader):
+            return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages, owned)
+        if not isinstance(reader, SafetensorsReader):
+            return None
+    header = reader.header
+    info = header.tensors.get(tensor_name)
     if info is None:
         return None
     dtype = _torch_dtype(info.dtype)
-    begin, end = reader.header.offsets[tensor_name]
-    start = reader.header.data_start + begin
+    begin, end = header.offsets[tensor_name]
+    start = header.data_start + begin
     itemsize = dtype.itemsize
     if end == begin:
         return torch.zeros(info.shape, dtype=dtype)
@@ -492,15 +501,16 @@ def apply(model: torch.nn.Module, report: Any, reader: Any, *, dtype_policy: Any
             continue
         try:
             t, readonly = to_torch(reader, m.source, _storages=storages, owned=assign)
-            t = relayout(t, m.transform)
+            if m.transform is not None:
+                t = relayout(t, m.transform)
         except ValueError as exc:
             problems.append(f"{m.key} (checkpoint {m.source!r}): {exc}")
             continue
-        if tuple(t.shape) != tuple(target.shape):
+        if t.shape != target.shape:  # torch.Size on both sides
             problems.append(f"{m.key}: checkpoint tensor {m.source!r} has shape {list(t.shape)}, "
                             f"the model expects {list(target.shape)}")
             continue
-        dtype = _target_dtype(dtype_policy, target.dtype, t.dtype)
+        dtype = target.dtype if dtype_policy == "model" else _target_dtype(dtype_policy, target.dtype, t.dtype)
         if t.dtype != dtype:
             t = t.to(dtype)
         elif assign and readonly:
