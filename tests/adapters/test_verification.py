@@ -115,6 +115,32 @@ def test_flatten_of_a_channels_last_map_is_fixed_by_permuting_the_dense_kernel(t
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def test_probe_inputs_are_inferred_only_when_a_check_needs_them(tmp_path, monkeypatch):
+    """Inferring inputs may run the model (a conv net is tried on a few sizes): a same-framework load without
+    reference or probe has no use for them and must not run it; the cross-layout flatten check still gets them."""
+    from hubload.adapters import get_adapter
+
+    calls = {"torch": 0, "tf": 0}
+    for fw in calls:
+        adapter = get_adapter(fw)
+
+        def counted(model, _fw=fw, _infer=adapter.infer_inputs):
+            calls[_fw] += 1
+            return _infer(model)
+        monkeypatch.setattr(adapter, "infer_inputs", counted)
+    src = randomise_torch(TConv(), 0)
+    path = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(src.state_dict(), str(path))
+    target = TConv()
+    forwards = []
+    target.register_forward_hook(lambda *_: forwards.append(1))
+    hubload.load(str(path), model=target)
+    assert calls["torch"] == 0 and forwards == []
+    assert torch.equal(target.state_dict()["fc.weight"], src.state_dict()["fc.weight"])
+    _, report = hubload.load(str(path), model=kconv(eps=1e-5), return_report=True)
+    assert calls["tf"] == 1 and any("flattened channels-last" in w for w in report.warnings)
+
+
 def test_cli_check_prints_probe_and_verification_and_exits_1_on_failure(tmp_path):
     res = CliRunner().invoke(cli, ["check", "seed-mlp", "--framework", "torch"])
     assert res.exit_code == 0 and "probe: numpy float64" in res.output and "--verify" in res.output
