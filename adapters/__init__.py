@@ -97,6 +97,14 @@ class ModelTensor:
     alternative: Any = field(default=None, compare=False, repr=False)
     ignored: str | None = None
 
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, native: str, transform: Any = None,
+                 rule: str | None = None, handle: Any = None, structural: str | None = None, group: Any = None,
+                 alternative: Any = None, ignored: str | None = None) -> None:
+        # Frozen, filled in one call (see hubload.checkpoint.TensorInfo.__init__).
+        self.__dict__.update(name=name, shape=shape, dtype=dtype, native=native, transform=transform, rule=rule,
+                             handle=handle, structural=structural, group=group, alternative=alternative,
+                             ignored=ignored)
+
 
 @runtime_checkable
 class Adapter(Protocol):

@@ -72,6 +72,11 @@ class TensorInfo:
     dtype: str
     nbytes: int
 
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, nbytes: int) -> None:
+        # Frozen: the fields go straight into the instance dict, one call instead of an object.__setattr__ per
+        # field (a load makes a few of these records per tensor; tests check this matches the fields).
+        self.__dict__.update(name=name, shape=shape, dtype=dtype, nbytes=nbytes)
+
 
 @runtime_checkable
 class CheckpointReader(Protocol):

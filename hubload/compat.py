@@ -45,6 +45,12 @@ class Match:
     rule: str | None = None
     transform: Transform | None = None
 
+    def __init__(self, key: str, checkpoint_key: str, source: str, shape: tuple[int, ...], dtype_from: str,
+                 dtype_to: str, rule: str | None = None, transform: Transform | None = None) -> None:
+        # Frozen, filled in one call (see hubload.checkpoint.TensorInfo.__init__).
+        self.__dict__.update(key=key, checkpoint_key=checkpoint_key, source=source, shape=shape,
+                             dtype_from=dtype_from, dtype_to=dtype_to, rule=rule, transform=transform)
+
 
 @dataclass(frozen=True)
 class ShapeMismatch:

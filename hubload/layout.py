@@ -466,6 +466,12 @@ class CanonicalTensor:
     transform: Transform | None = None
     rule: str | None = None
 
+    def __init__(self, canonical: str, source: str, shape: tuple[int, ...], dtype: str,
+                 transform: Transform | None = None, rule: str | None = None) -> None:
+        # Frozen, filled in one call (see hubload.checkpoint.TensorInfo.__init__).
+        self.__dict__.update(canonical=canonical, source=source, shape=shape, dtype=dtype, transform=transform,
+                             rule=rule)
+
 
 def to_canonical(tensors: Mapping[str, Any], layout: str, *, rename: Iterable[Any] = (),
                  layer_kinds: Mapping[str, str] | None = None, forced_rules: Mapping[str, str] | None = None,

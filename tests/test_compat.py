@@ -202,3 +202,26 @@ def test_value_destroying_casts_are_unsafe_and_block_even_non_strict_loads():
     with pytest.raises(IncompatibleWeightsError, match="float32 -> int64"):
         r.raise_if_incompatible(strict=False)
     assert CompatReport.from_dict(r.to_dict()).unsafe_casts == r.unsafe_casts
+
+
+def test_records_with_a_hand_written_init_take_exactly_their_fields():
+    """TensorInfo, CanonicalTensor, Match and ModelTensor fill their frozen fields in one call; their __init__
+    must keep taking every field, in order and with its default, so a new field cannot be silently left out."""
+    import dataclasses
+    import inspect
+
+    from hubload.adapters import ModelTensor
+    from hubload.checkpoint import TensorInfo
+    from hubload.compat import Match
+
+    for cls in (TensorInfo, CanonicalTensor, Match, ModelTensor):
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        fields = dataclasses.fields(cls)
+        assert [p.name for p in params] == [f.name for f in fields], cls
+        assert [p.default for p in params] == [inspect.Parameter.empty if f.default is dataclasses.MISSING
+                                               else f.default for f in fields], cls
+        values = {f.name: (f"v{i}" if f.default is dataclasses.MISSING else None) for i, f in enumerate(fields)}
+        record = cls(**values)
+        assert dataclasses.asdict(record) == values and dataclasses.replace(record) == record
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, fields[0].name, "changed")
