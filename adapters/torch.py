@@ -270,7 +270,7 @@ class _FileStorages:
 
     def __init__(self) -> None:
         self._maps: dict[pathlib.Path, torch.UntypedStorage] = {}
-        self._readonly: dict[pathlib.Path, torch.UntypedStorage] = {}
+        self._readonly: dict[SafetensorsReader, torch.UntypedStorage] = {}
 
     def get(self, path: pathlib.Path) -> torch.UntypedStorage:
         """The (private, copy-on-write) mapping of ``path``."""
@@ -282,12 +282,12 @@ class _FileStorages:
 
     def readonly(self, reader: SafetensorsReader) -> torch.UntypedStorage:
         """Storage over ``reader``'s read-only map of its file (valid while this object lives)."""
-        whole = self._readonly.get(reader.path)
+        whole = self._readonly.get(reader)  # keyed by the reader (identity): its map, and no Path hashing per tensor
         if whole is None:
             with warnings.catch_warnings():
                 # from_numpy warns on read-only memory; these tensors are only copied from, never written.
                 warnings.simplefilter("ignore", UserWarning)
-                whole = self._readonly[reader.path] = torch.from_numpy(reader.buffer()).untyped_storage()
+                whole = self._readonly[reader] = torch.from_numpy(reader.buffer()).untyped_storage()
         return whole
 
 

@@ -151,15 +151,19 @@ def parse_safetensors_header(prefix: bytes, header: bytes, *, file_size: int | N
         dtype, itemsize = SAFETENSORS_DTYPES[tag]
         shape = spec["shape"]
         offsets = spec["data_offsets"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-            raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        # One pass per field, no generator: this loop runs once per tensor of every file opened.
         count = 1
+        if not isinstance(shape, list):
+            raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
         for d in shape:
+            if type(d) is not int or d < 0:  # bool is not int here
+                raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
             count *= d
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
+        if type(begin) is not int or type(end) is not int or begin < 0 or begin > end:
+            raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
         if count * itemsize != end - begin:
             raise CheckpointError(f"{where}: tensor {name!r} is {tag}{shape} = {count * itemsize} bytes but its "
                                   f"data_offsets span {end - begin} bytes; the header is corrupt")
