@@ -94,6 +94,14 @@ CORPUS = {
                            num_key_value_heads=1, hidden_dim=8, intermediate_dim=16), TEXT),
     "ViTBackbone": (_hub("ViTBackbone", image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2,
                          hidden_dim=8, mlp_dim=16), (1, 16, 16, 3)),
+    # Beyond the named corpus: a model of another family each, as a new user would bring them.
+    "MobileNetV3Small": (_app("MobileNetV3Small"), (1, 32, 32, 3)),
+    "DistilBertBackbone": (_hub("DistilBertBackbone", vocabulary_size=20, num_layers=1, num_heads=2, hidden_dim=8,
+                                intermediate_dim=16, max_sequence_length=8), TEXT),
+    "MistralBackbone": (_hub("MistralBackbone", vocabulary_size=20, num_layers=1, num_query_heads=2,
+                             num_key_value_heads=1, hidden_dim=8, intermediate_dim=16), TEXT),
+    "GemmaBackbone": (_hub("GemmaBackbone", vocabulary_size=20, num_layers=1, num_query_heads=2,
+                           num_key_value_heads=1, hidden_dim=8, intermediate_dim=16, head_dim=4), TEXT),
     "nested-subclassed": (_nested, (2, 4)),
     "mha-lstm-gru-bidirectional": (lambda: _functional(L.MultiHeadAttention(2, 2), L.LSTM(3, return_sequences=True),
                                                        L.Bidirectional(L.GRU(2, return_sequences=True)),
@@ -187,7 +195,8 @@ def test_weights_h5_loads_into_another_instance(pair):
 # into a model pairs by storage path and is exact (above); converting it without the model cannot recover the
 # canonical names, and the load of the converted file refuses, naming them (below), never a silent wrong load;
 # converting with the architecture at hand (``model=``) names them as a load would, and round-trips exactly.
-FILE_ALONE_CANNOT_NAME = {"BertBackbone", "GPT2Backbone", "LlamaBackbone", "ViTBackbone", "nested-subclassed"}
+FILE_ALONE_CANNOT_NAME = {"BertBackbone", "GPT2Backbone", "LlamaBackbone", "ViTBackbone", "DistilBertBackbone",
+                          "MistralBackbone", "GemmaBackbone", "nested-subclassed"}
 
 
 def test_torch_layout_round_trip(pair, tmp_path):
