@@ -38,6 +38,7 @@ import torch
 
 from hubload.adapters import ModelTensor, nothing_loaded_error, call_architecture
 from hubload.checkpoint import ReaderBase, TensorInfo, canonical_dtype
+from hubload.distributed import process_group
 from hubload.errors import (
     CheckpointError,
     IncompatibleWeightsError,
@@ -310,11 +311,10 @@ def _from_safetensors(reader: Any, tensor_name: str, storages: _FileStorages, ow
 
     ``owned``: from the copy-on-write map a model may keep; else from the reader's read-only map.
     """
-    if type(reader) is not SafetensorsReader:
-        if isinstance(reader, ShardedReader):
-            return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages, owned)
-        if not isinstance(reader, SafetensorsReader):
-            return None
+    if isinstance(reader, ShardedReader):
+        return _from_safetensors(reader.shards[reader.shard_of(tensor_name)], tensor_name, storages, owned)
+    if not isinstance(reader, SafetensorsReader):
+        return None
     header = reader.header
     info = header.tensors.get(tensor_name)
     if info is None:
@@ -420,8 +420,7 @@ def collective_load(model: torch.nn.Module) -> bool:
     Without an initialised process group no rank can take part in a collective, so the answer is False without
     walking the model (a DTensor needs a device mesh, which needs the group).
     """
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    if process_group() is None:
         return False
     return _sharded(model.state_dict(keep_vars=True).values())
 

@@ -332,8 +332,6 @@ def _unsafe_cast(d_from: str, d_to: str) -> bool:
 
 def _first_glob(name: str, globs: tuple[str, ...]) -> str | None:
     """The first glob matching ``name``."""
-    if not globs:
-        return None
     for g in globs:
         if glob_match(name, g):
             return g

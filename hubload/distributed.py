@@ -59,7 +59,7 @@ class _Ballot:
 _ballot: contextvars.ContextVar[_Ballot | None] = contextvars.ContextVar("hubload_distributed_ballot", default=None)
 
 
-def _process_group() -> Any | None:
+def process_group() -> Any | None:
     """``torch.distributed`` when it is imported, available and initialised, else None."""
     dist = sys.modules.get("torch.distributed")
     if dist is None:
@@ -85,7 +85,7 @@ def is_distributed(enabled: bool | None = None) -> bool:
         enabled = os.environ.get("HUBLOAD_DISTRIBUTED", "1").strip().lower() not in _FALSE
     if not enabled or _inside.get():
         return False
-    dist = _process_group()
+    dist = process_group()
     return dist is not None and dist.get_world_size() > 1
 
 
@@ -103,7 +103,7 @@ def local_rank(rank: int | None = None) -> int:
     if env not in (None, ""):
         return int(env)
     if rank is None:
-        dist = _process_group()
+        dist = process_group()
         rank = dist.get_rank() if dist is not None else int(os.environ.get("RANK", "0"))
     lws = os.environ.get("LOCAL_WORLD_SIZE")
     if lws not in (None, "") and int(lws) > 0:
@@ -187,7 +187,7 @@ def run_once_per_node(fn: Callable[[], T], *, label: str = "", enabled: bool | N
     """
     if not is_distributed(enabled):
         return fn()
-    dist = _process_group()
+    dist = process_group()
     rank = dist.get_rank()
     leader = local_rank(rank) == 0
     node = _node_key()
@@ -253,7 +253,7 @@ def agree(error: BaseException | None = None, *, label: str = "", enabled: bool 
     ballot = _ballot.get()
     if ballot is not None:
         ballot.voted = True
-    dist = _process_group()
+    dist = process_group()
     statuses = _gather(dist, _status(error))
     failed = [(r, s) for r, s in enumerate(statuses) if not s["ok"]]
     if not failed:
